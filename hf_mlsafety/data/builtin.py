@@ -1,0 +1,121 @@
+"""Built-in multilingual safety data, written for this project and shipped with the package.
+
+160 harmful requests in 16 harm categories and 160 harmless requests (a quarter of them borderline-looking, such as
+"kill a frozen process"), each parallel in the ten MultiJail languages. Every harmful request has a safe refusal and an
+unsafe compliance opening (the first sentence of going along, with no harmful detail) in all ten languages; every
+harmless request has a helpful English answer. Fixed splits: 112 train, 16 dev, 32 test per kind.
+"""
+
+import json
+from importlib import resources
+
+from datasets import Dataset
+
+from ..languages import MULTIJAIL_LANGUAGES, check_languages
+from .formats import wide_to_mlc, wide_to_mpo, wide_to_msd, wide_to_preference, wide_to_probes
+
+
+SPLITS = ("train", "dev", "test")
+TASKS = ("wide", "preference", "mlc", "mlc_sft", "mpo", "msd", "probes")
+
+
+def _read_part_files(kind):
+    folder = resources.files("hf_mlsafety.data").joinpath("builtin")
+    names = sorted(entry.name for entry in folder.iterdir() if entry.name.startswith(f"{kind}_part"))
+    rows = []
+    for name in names:
+        with folder.joinpath(name).open(encoding="utf-8") as handle:
+            rows.extend(json.loads(line) for line in handle if line.strip())
+    return rows
+
+
+def builtin_wide_table(kind, split="train"):
+    """The built-in items of one kind as a wide table.
+
+    Args:
+        kind (`str`):
+            `"harmful"` or `"harmless"`.
+        split (`str`, *optional*, defaults to `"train"`):
+            `"train"`, `"dev"`, `"test"` or `"all"`.
+
+    Returns:
+        [`~datasets.Dataset`] with `id`, `category`, `label`, `split`, one prompt column per language and
+        `chosen_<lang>` (refusal) / `rejected_<lang>` (compliance opening) for harmful items, `chosen_en` (answer) for
+        harmless ones.
+    """
+    if kind not in ("harmful", "harmless"):
+        raise ValueError(f"`kind` must be 'harmful' or 'harmless', got {kind!r}.")
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"`split` must be one of {[*SPLITS, 'all']}, got {split!r}.")
+    table = []
+    for item in _read_part_files(kind):
+        if split != "all" and item["split"] != split:
+            continue
+        row = {"id": item["id"], "category": item["category"], "label": kind, "split": item["split"]}
+        row.update(item["prompt"])
+        if kind == "harmful":
+            row.update({f"chosen_{code}": text for code, text in item["refusal"].items()})
+            row.update({f"rejected_{code}": text for code, text in item["compliance"].items()})
+        else:
+            row["chosen_en"] = item["answer"]["en"]
+        table.append(row)
+    return Dataset.from_list(table)
+
+
+def load_builtin_dataset(task, split="train", languages=None):
+    """Loads the built-in data in the format of one method.
+
+    Args:
+        task (`str`):
+            One of
+            - `"wide"`: the harmful items as a wide table (see [`builtin_wide_table`]);
+            - `"preference"`: `prompt`, `chosen` (refusal), `rejected` (compliance), `language`: one row per harmful
+              item and language (English only by default: the English-only DPO baseline);
+            - `"mlc"`: English preference triples plus one `prompt_<lang>` column per language (DPO + MLC);
+            - `"mlc_sft"`: English `prompt`, `completion` (refusal) plus `prompt_<lang>` columns (SFT + MLC);
+            - `"mpo"`: English triples plus target-language triples, one row per item and non-English language;
+            - `"msd"`: `prompt`, `prompt_en`, `language`, `label` for harmful and harmless queries, one row per item and
+              non-English language;
+            - `"probes"`: `prompt`, `language`, `parallel_id`, `label` for harmful and harmless items (sparse editor,
+              evaluation).
+        split (`str`, *optional*, defaults to `"train"`):
+            `"train"`, `"dev"`, `"test"` or `"all"`.
+        languages (`list[str]`, *optional*):
+            Languages to include; defaults to English for `"preference"` and to the ten MultiJail languages otherwise.
+            For `"mpo"` and `"msd"` English is the dominant / pivot language and is left out of the targets.
+
+    Returns:
+        [`~datasets.Dataset`]
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}: choose one of {list(TASKS)}.")
+    if languages is None:
+        languages = ["en"] if task == "preference" else MULTIJAIL_LANGUAGES
+    languages = check_languages(languages)
+    for code in languages:
+        if code not in MULTIJAIL_LANGUAGES:
+            raise ValueError(f"The built-in data covers {MULTIJAIL_LANGUAGES}; language {code!r} is not among them.")
+    harmful = builtin_wide_table("harmful", split)
+    targets = [code for code in languages if code != "en"]
+    if task == "wide":
+        return harmful.select_columns(
+            ["id", "category", "label", "split", *languages]
+            + [f"{kind}_{code}" for code in languages for kind in ("chosen", "rejected")]
+        )
+    if task == "preference":
+        parts = [wide_to_preference(harmful, code).add_column("language", [code] * len(harmful)) for code in languages]
+        return Dataset.from_list([row for part in parts for row in part])
+    if task == "mlc":
+        return wide_to_mlc(harmful, languages)
+    if task == "mlc_sft":
+        return wide_to_mlc(harmful, languages, sft=True)
+    if task == "mpo":
+        return wide_to_mpo(harmful, targets)
+    harmless = builtin_wide_table("harmless", split)
+    if task == "msd":
+        parts = [wide_to_msd(table, targets) for table in (harmful, harmless)]
+        labels = [label for table in (harmful, harmless) for label in table["label"] for _ in targets]
+        return Dataset.from_list([row for part in parts for row in part]).add_column("label", labels)
+    return Dataset.from_list(
+        [row for table in (harmful, harmless) for row in wide_to_probes(table, languages)]
+    )
