@@ -1,0 +1,37 @@
+"""The `hf-mlsafety` command: one subcommand per method plus `eval`, in the style of `trl dpo`."""
+
+import importlib
+import sys
+
+
+# Subcommand -> (module under hf_mlsafety.scripts, one-line help).
+SUBCOMMANDS = {
+    "eval": ("eval", "Per-language safety evaluation (attack success rate, refusal, invalid, over-refusal)."),
+}
+
+
+def _usage():
+    lines = ["usage: hf-mlsafety <command> [<args>] [--config config.yaml]", "", "commands:"]
+    lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "Run `hf-mlsafety <command> --help` for the arguments of a command."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"hf-mlsafety: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    script = importlib.import_module(f"hf_mlsafety.scripts.{SUBCOMMANDS[command][0]}")
+    parser = script.make_parser(prog=f"hf-mlsafety {command}")
+    arguments = parser.parse_args_and_config(args=rest)
+    script.main(*arguments)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

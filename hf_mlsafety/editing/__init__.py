@@ -1,0 +1,1 @@
+"""Training-free sparse safety weight editing."""

@@ -1,0 +1,1 @@
+"""Pure loss and weighting functions, separate from trainer plumbing so they can be tested on their own."""

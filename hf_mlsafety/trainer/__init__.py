@@ -1,0 +1,1 @@
+"""TRL-compatible trainers: MLC (DPO and SFT), MPO and MSD."""
