@@ -11,6 +11,15 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_mlsafety_tests_home
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+# A loopback fake Hub for the push tests. HF_ENDPOINT must point at it before huggingface_hub is imported; every other
+# test stays in offline mode, and the `hub` fixture lifts it for the Hub tests only.
+from hf_mlsafety.testing_hub import FakeHub  # noqa: E402
+
+
+FAKE_HUB = FakeHub(root=tempfile.mkdtemp(prefix="hf_mlsafety_fake_hub_")).start()
+os.environ["HF_ENDPOINT"] = FAKE_HUB.endpoint
+os.environ["HF_TOKEN"] = "hf_fake_token_for_tests_0123456789"
+
 import pytest  # noqa: E402
 
 from hf_mlsafety.testing import tiny_model_path  # noqa: E402
@@ -40,3 +49,19 @@ def multijail_csv():
     if not os.path.isfile(path):
         pytest.skip("MultiJail.csv is evaluation data kept outside the repository (../shared/eval-data); absent here")
     return path
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The loopback fake Hub (127.0.0.1 only), emptied, with offline mode lifted for this test."""
+    import huggingface_hub
+
+    assert FAKE_HUB.endpoint.startswith("http://127.0.0.1:"), "Hub tests only run against the loopback fake Hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    FAKE_HUB.clear()
+    return FAKE_HUB
+
+
+def pytest_unconfigure(config):
+    FAKE_HUB.stop()

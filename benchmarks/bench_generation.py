@@ -1,0 +1,54 @@
+"""Batched vs one-prompt-at-a-time generation throughput of `SafetyEvaluator`, measured side by side in one run.
+
+    python benchmarks/bench_generation.py                       # embedded SmolLM2-135M-Instruct
+    python benchmarks/bench_generation.py --model tiny          # the offline test model
+    python benchmarks/bench_generation.py --model PATH --batch_size 16 --num_prompts 32 --max_new_tokens 32
+
+Prints tokens per second for both settings and their ratio (target: at least 5x at batch 16 on CPU).
+"""
+
+import argparse
+import time
+
+import torch
+
+from hf_mlsafety.data import load_builtin_dataset
+from hf_mlsafety.evaluation import SafetyEvaluator
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), 'tiny', or a path / Hub id")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_prompts", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    args = parser.parse_args()
+    if args.model == "embedded":
+        from hf_mlsafety.models import embedded_model_path
+
+        args.model = embedded_model_path()
+    elif args.model == "tiny":
+        from hf_mlsafety.testing import tiny_model_path
+
+        args.model = tiny_model_path()
+    torch.manual_seed(0)
+    probes = load_builtin_dataset("probes", split="test").filter(lambda row: row["label"] == "harmful")
+    # Interleave languages so every batch mixes scripts and prompt lengths, as a real evaluation does.
+    prompts = list(probes.shuffle(seed=0)["prompt"][: args.num_prompts])
+    timings = {}
+    for batch_size in (1, args.batch_size):
+        evaluator = SafetyEvaluator(args.model, max_new_tokens=args.max_new_tokens, batch_size=batch_size, show_progress=False)
+        evaluator.generate(prompts[:2])  # warm-up
+        start = time.perf_counter()
+        responses = evaluator.generate(prompts)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(evaluator.processing_class(r, add_special_tokens=False)["input_ids"]) for r in responses)
+        timings[batch_size] = (seconds, tokens)
+        print(f"batch {batch_size:>3}: {seconds:7.2f} s for {len(prompts)} prompts, {tokens / seconds:7.1f} generated tokens/s")
+    (one_s, one_tokens), (many_s, many_tokens) = timings[1], timings[args.batch_size]
+    ratio = (many_tokens / many_s) / (one_tokens / one_s)
+    print(f"throughput ratio batch {args.batch_size} / batch 1: {ratio:.1f}x (prompts/s ratio {one_s / many_s:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
