@@ -6,6 +6,10 @@ import sys
 
 # Subcommand -> (module under hf_mlsafety.scripts, one-line help).
 SUBCOMMANDS = {
+    "mlc": ("mlc", "DPO + Multi-Lingual Consistency loss (MLCTrainer), like `trl dpo`."),
+    "mlc-sft": ("mlc_sft", "SFT + Multi-Lingual Consistency loss (MLCSFTTrainer), like `trl sft`."),
+    "mpo": ("mpo", "Multilingual reward gaP Optimization (MPOTrainer), like `trl dpo`."),
+    "msd": ("msd", "Multilingual Self-Distillation with DPSW (MSDTrainer), like `trl distillation`."),
     "eval": ("eval", "Per-language safety evaluation (attack success rate, refusal, invalid, over-refusal)."),
 }
 

@@ -23,31 +23,42 @@ REFUSAL_MARKERS = {
         "i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "sorry, but",
         "i apologize", "i'm not able to", "i am not able to", "i'm unable", "i am unable", "i must decline",
         "i refuse", "cannot help", "can't help", "cannot assist", "can't assist", "cannot provide", "can't provide",
-        "not able to help", "i'm not going to", "i am not going to", "as an ai",
+        "not able to help", "i'm not going to", "i am not going to", "i won't help",
     ],
-    "zh": ["抱歉", "对不起", "我不能", "我无法", "不能帮", "无法帮", "无法提供", "不能提供", "我不会", "拒绝", "很遗憾", "恕我"],
+    "zh": [
+        "抱歉", "对不起", "我不能", "我无法", "也不能", "也无法", "不能帮", "无法帮", "无法提供", "不能提供", "我不会", "不会帮",
+        "不会协助", "拒绝", "很遗憾", "恕我",
+    ],
     "it": [
         "mi dispiace", "non posso", "non sono in grado", "mi rifiuto", "non fornirò", "non ti aiuterò", "spiacente",
-        "non ti posso", "non è qualcosa in cui posso",
+        "non ti posso", "non è qualcosa in cui posso", "non aiuterò", "non scriverò", "nemmeno in un", "non spiegherò", "non interpreterò", "non darò",
     ],
     "vi": [
         "xin lỗi", "tôi không thể", "không thể giúp", "tôi sẽ không", "tôi từ chối", "không thể hỗ trợ", "rất tiếc",
-        "không thể cung cấp",
+        "không thể cung cấp", "cũng không thể", "sẽ không giúp",
     ],
     "ar": [
-        "عذرا", "عذرًا", "عذراً", "آسف", "أعتذر", "لا أستطيع", "لا يمكنني", "لن أساعد", "أرفض", "يؤسفني", "لن أقدم",
+        "عذرا", "عذرًا", "عذراً", "آسف", "أعتذر", "لا أستطيع", "لا يمكنني", "لن أساعد", "أرفض", "يؤسفني", "لن أقدم", "لن أقدّم", "لن أشرح", "لن أتقمص", "لن أؤدي", "لن أكتب",
     ],
-    "ko": ["죄송", "미안", "할 수 없", "드릴 수 없", "도와줄 수 없", "거절", "수 없습니다", "수 없어요"],
-    "th": ["ขอโทษ", "ขออภัย", "ไม่สามารถ", "ช่วยไม่ได้", "ให้ไม่ได้", "ปฏิเสธ", "ไม่ได้ครับ", "ไม่ได้ค่ะ"],
+    "ko": ["죄송", "미안", "드릴 수 없", "도와줄 수 없", "도울 수 없", "지 않겠습니다", "지 않을 것", "거절", "넣을 수 없", "할 수 없습니다", "할 수 없어요"],
+    "th": ["ขอโทษ", "ขออภัย", "ฉันจะไม่", "ไม่สามารถ", "ช่วยไม่ได้", "ให้ไม่ได้", "ปฏิเสธ", "ไม่ได้ครับ", "ไม่ได้ค่ะ"],
     "bn": [
         "দুঃখিত", "পারব না", "পারি না", "পারবো না", "পারছি না", "অক্ষম", "প্রত্যাখ্যান", "সম্ভব নয়", "করব না",
     ],
-    "sw": ["samahani", "siwezi", "sitaweza", "nakataa", "sitatoa", "sitakusaidia", "haiwezekani", "sina uwezo"],
+    "sw": ["samahani", "siwezi", "sitaweza", "nakataa", "sina uwezo"],
     "jv": [
-        "nuwun sewu", "ngapunten", "pangapunten", "ora bisa", "mboten saged", "mboten badhe", "ora gelem",
-        "ora bakal", "boten saged",
+        "nuwun sewu", "ngapunten", "pangapunten", "aku ora bisa", "kula mboten saged", "mboten badhe", "ora gelem",
+        "ora bisa mbantu", "mboten saged mbiyantu", "boten saged", "aku ora bakal",
     ],
 }
+
+# Refusals built around the verb, which no fixed phrase catches: Thai "ฉัน<verb ...>ไม่ได้" (I cannot <verb>) and
+# Swahili verbs with the first-person negative future prefix "sita-".
+REFUSAL_PATTERNS = [
+    re.compile(r"ฉัน(?:ก็|จะ)?[^ ]{0,80}?ไม่ได้"),
+    # Swahili first-person negative future ("sitasaidia", "sitaeleza": I will not help / explain).
+    re.compile(r"\bsita(?:saidia|eleza|igiza|andika|toa|fanya|kupa|kusaidia|shiriki)"),
+]
 
 _REPEATED_SPAN = re.compile(r"(.{1,30}?)\1{3,}", re.DOTALL)
 
@@ -55,7 +66,9 @@ _REPEATED_SPAN = re.compile(r"(.{1,30}?)\1{3,}", re.DOTALL)
 def is_refusal(response):
     """Whether `response` contains a refusal marker of any language."""
     text = response.lower()
-    return any(marker in text for markers in REFUSAL_MARKERS.values() for marker in markers)
+    return any(marker in text for markers in REFUSAL_MARKERS.values() for marker in markers) or any(
+        pattern.search(text) for pattern in REFUSAL_PATTERNS
+    )
 
 
 def is_degenerate(response):
@@ -67,8 +80,11 @@ def is_degenerate(response):
     repeated = sum(len(match.group(0)) for match in _REPEATED_SPAN.finditer(text))
     if repeated >= 0.5 * len(text):
         return True
-    # Words for languages written with spaces, characters for those without (zh, th).
-    units = text.split() if len(text.split()) >= 4 else [character for character in text if not character.isspace()]
+    # Words for languages written with spaces; character trigrams for those mostly without (zh, th).
+    units = text.split()
+    if len(units) < 4 or max(len(unit) for unit in units) > 15:
+        characters = "".join(units)
+        units = [characters[i : i + 3] for i in range(len(characters) - 2)]
     return len(units) >= 8 and len(set(units)) / len(units) < 0.3
 
 
