@@ -242,7 +242,7 @@ class SafetyModelCardMixin:
             )
         except HfHubHTTPError as error:
             raise RuntimeError(
-                f"Pushing to {self.args.hub_model_id or 'the Hub'} failed ({scrub(error)}). Nothing local was removed: "
+                f"Pushing to {self.args.hub_model_id or 'the Hub'} failed ({scrub(str(error).splitlines()[0])}). Nothing local was removed: "
                 f"the model, card and chart are still in output_dir '{scrub(self.args.output_dir)}'; call push_to_hub() "
                 "again to retry."
             ) from error

@@ -5,6 +5,7 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 from trl.trainer.utils import get_config_model_id
 
+from ..model_card import SafetyModelCardMixin
 from ..losses.mlc import cosine_to_first_row, sigma1_share
 from ..utils import disable_cpu_4bit_repacking
 from .mlc_sft_config import MLCSFTConfig
@@ -23,7 +24,7 @@ from .mlc_utils import (
 )
 
 
-class MLCSFTTrainer(SFTTrainer):
+class MLCSFTTrainer(SafetyModelCardMixin, SFTTrainer):
     """
     [`~trl.SFTTrainer`] with the Multi-Lingual Consistency (MLC) loss of [Align Once, Benefit
     Multilingually](https://huggingface.co/papers/2602.16660): `sft_loss + mlc_lambda · L_MLC`, as in the official SFT
@@ -98,6 +99,10 @@ class MLCSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "hf-mlsafety", "mlc", "multilingual-safety"]
     _name = "MLC-SFT"
+    _method_summary = (
+        "Supervised fine-tuning on English safe responses, plus the Multi-Lingual Consistency loss that aligns "
+        "the model's representations of the same prompt across languages; only the prompts were translated."
+    )
     _paper = {
         "title": "Align Once, Benefit Multilingually: Enforcing Multilingual Consistency for LLM Safety Alignment",
         "id": "2602.16660",

@@ -4,6 +4,7 @@ import torch
 from trl import DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
+from ..model_card import SafetyModelCardMixin
 from ..losses.mlc import cosine_to_first_row, sigma1_share
 from ..utils import disable_cpu_4bit_repacking
 from .mlc_config import MLCConfig
@@ -22,7 +23,7 @@ from .mlc_utils import (
 )
 
 
-class MLCTrainer(DPOTrainer):
+class MLCTrainer(SafetyModelCardMixin, DPOTrainer):
     """
     [`~trl.DPOTrainer`] with the Multi-Lingual Consistency (MLC) loss of [Align Once, Benefit
     Multilingually](https://huggingface.co/papers/2602.16660): safety aligned in English transfers to other languages
@@ -95,6 +96,11 @@ class MLCTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "hf-mlsafety", "mlc", "multilingual-safety"]
     _name = "MLC"
+    _method_summary = (
+        "English preference pairs train the DPO objective while the Multi-Lingual Consistency loss pulls the "
+        "model's representations of the same prompt in every language onto one direction (rank one), so English "
+        "refusal behaviour carries over to the other languages; only the prompts were translated."
+    )
     _paper = {
         "title": "Align Once, Benefit Multilingually: Enforcing Multilingual Consistency for LLM Safety Alignment",
         "id": "2602.16660",

@@ -15,6 +15,7 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from ..model_card import SafetyModelCardMixin
 from ..data import validate_mpo_dataset
 from ..losses.mpo import mpo_loss, pool_hidden_states, reward_gap, sequence_log_probs
 from ..utils import disable_cpu_4bit_repacking
@@ -65,7 +66,7 @@ class DataCollatorForMPO:
         return batch
 
 
-class MPOTrainer(DPOTrainer):
+class MPOTrainer(SafetyModelCardMixin, DPOTrainer):
     """
     Trainer for MPO (Multilingual reward gaP Optimization), from the paper [MPO: Multilingual Safety Alignment via
     Reward Gap Optimization](https://huggingface.co/papers/2505.16869). A drop-in replacement for [`~trl.DPOTrainer`]:
@@ -130,6 +131,12 @@ class MPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "hf-mlsafety", "multilingual-reward-gap-optimization"]
     _name = "MPO (Multilingual reward gaP Optimization)"
+    _method_summary = (
+        "The model's reward gap (length-normalised log-likelihood margin between a safe and an unsafe response) "
+        "in each target language is regressed onto the dominant language's gap measured on the frozen initial "
+        "model, while the dominant language's hidden states are kept in place. Not TRL's Mixed Preference "
+        "Optimization."
+    )
     _paper = {
         "title": "MPO: Multilingual Safety Alignment via Reward Gap Optimization",
         "id": "2505.16869",

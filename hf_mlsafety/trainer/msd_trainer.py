@@ -12,6 +12,7 @@ from trl import DistillationTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
+from ..model_card import SafetyModelCardMixin
 from ..data.formats import text_of, validate_msd_dataset
 from ..languages import LANGUAGE_NAMES
 from ..losses.msd import msd_loss
@@ -89,7 +90,7 @@ def answer_start(completion_ids, tokenizer, marker):
     return low
 
 
-class MSDTrainer(DistillationTrainer):
+class MSDTrainer(SafetyModelCardMixin, DistillationTrainer):
     """
     Trainer for Multilingual Self-Distillation (MSD), introduced in [Multilingual Safety Alignment via
     Self-Distillation](https://huggingface.co/papers/2605.02971).
@@ -157,6 +158,12 @@ class MSDTrainer(DistillationTrainer):
 
     _tag_names = ["trl", "distillation", "hf-mlsafety", "msd", "multilingual-safety"]
     _name = "MSD"
+    _method_summary = (
+        "The model is its own teacher: the frozen initial model, shown the English version of each query and "
+        "asked to reason about safety, teaches the student (which sees only the target-language query) token by "
+        "token with a reverse KL weighted by Dual-Perspective Safety Weighting. No responses in any language were"
+        " needed."
+    )
     _paper = {
         "title": "Multilingual Safety Alignment via Self-Distillation",
         "id": "2605.02971",
