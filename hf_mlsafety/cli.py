@@ -6,6 +6,7 @@ import sys
 
 # Subcommand -> (module under hf_mlsafety.scripts, one-line help).
 SUBCOMMANDS = {
+    "demo": ("demo", "The main job: English DPO vs DPO + MLC on the embedded SmolLM2, evaluated in ten languages."),
     "mlc": ("mlc", "DPO + Multi-Lingual Consistency loss (MLCTrainer), like `trl dpo`."),
     "mlc-sft": ("mlc_sft", "SFT + Multi-Lingual Consistency loss (MLCSFTTrainer), like `trl sft`."),
     "mpo": ("mpo", "Multilingual reward gaP Optimization (MPOTrainer), like `trl dpo`."),

@@ -4,7 +4,7 @@ import os
 
 from .callback import SafetyEvalCallback
 from .evaluator import SafetyEvaluator, load_model_and_tokenizer
-from .judges import INVALID, REFUSAL_MARKERS, SAFE, UNSAFE, GuardModelJudge, RefusalJudge, is_degenerate, is_refusal, parse_guard_verdict
+from .judges import INVALID, REFUSAL_MARKERS, SAFE, UNSAFE, GuardModelJudge, RefusalJudge, is_degenerate, is_echo, is_refusal, parse_guard_verdict
 from .report import SafetyReport, plot_asr_comparison
 
 
@@ -23,6 +23,7 @@ __all__ = [
     "SafetyEvaluator",
     "SafetyReport",
     "is_degenerate",
+    "is_echo",
     "is_refusal",
     "load_model_and_tokenizer",
     "parse_guard_verdict",
