@@ -121,3 +121,31 @@ def test_failed_push_keeps_local_outputs_and_a_retry_succeeds(hub, tiny_model_di
     trainer.push_to_hub()
     assert "adapter_model.safetensors" in HfApi().list_repo_files("org/retry")
     assert set(os.listdir(tmp_path / "out")) >= local
+
+
+def test_sparse_editor_push_with_card(hub, tiny_model_dir, tiny_tokenizer, tmp_path):
+    from hf_mlsafety import SparseEditConfig, SparseSafetyEditor
+
+    wide = wide_table()
+    probes = []
+    for label, suffix in (("harmful", ""), ("harmless", " (a recipe)")):
+        for index, row in enumerate(wide):
+            probes += [{"prompt": row[code] + suffix, "language": code, "parallel_id": f"{label}{index}", "label": label}
+                       for code in LANGS]
+    probes = Dataset.from_list(probes)
+    harmful, harmless = probes.filter(lambda r: r["label"] == "harmful"), probes.filter(lambda r: r["label"] == "harmless")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    editor = SparseSafetyEditor(model, tiny_tokenizer, SparseEditConfig(rank=2, tau_mag=0.5, tau_stat=0.2))
+    editor.fit(harmful, harmless)
+    _, after = reports()
+    editor.push_to_hub("org/tiny-edit", safety_report=after)
+    files = set(HfApi().list_repo_files("org/tiny-edit"))
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "sparse_edit.json", "safety_asr.png",
+            "tokenizer.json"} <= files
+    card = ModelCard.load("org/tiny-edit")
+    assert {"sw", "bn"} <= set(card.data.language) and "sparse-weight-editing" in card.data.tags
+    assert card.data.base_model is None and str(tiny_model_dir) not in str(card)
+    config = json.load(open(os.path.join(snapshot_download("org/tiny-edit"), "adapter_config.json")))
+    assert config["base_model_name_or_path"] is None  # a local base path does not travel with the adapter
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "org/tiny-edit")
+    assert reloaded.peft_config["default"].r == 2

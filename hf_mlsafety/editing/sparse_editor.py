@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from ..data import validate_probes
 from ..data.formats import as_user_turn
+from ..model_card import hub_model_id_of
 from ..utils import disable_cpu_4bit_repacking, is_cpu_repacked
 from .solver import (
     activation_moments,
@@ -466,7 +467,8 @@ class SparseSafetyEditor:
             bias="none",
             target_modules=sorted(edits),
             task_type="CAUSAL_LM",
-            base_model_name_or_path=self.model.config._name_or_path or None,
+            # The Hub id when known: a local folder's absolute path must not travel with a pushed adapter.
+            base_model_name_or_path=hub_model_id_of(self.model.config._name_or_path),
         ).save_pretrained(save_directory)
         record = {
             "config": self.config.to_dict(),
@@ -477,13 +479,57 @@ class SparseSafetyEditor:
             json.dump(record, handle, indent=2)
         return str(save_directory)
 
-    def push_to_hub(self, repo_id, private=None, token=None, commit_message="Upload sparse safety edit"):
-        """Uploads the adapter written by [`~SparseSafetyEditor.save_pretrained`] to the Hub repository `repo_id`
-        (created if needed) and returns the commit info."""
+    def push_to_hub(
+        self, repo_id, private=None, token=None, commit_message="Upload sparse safety edit", safety_report=None,
+        baseline_report=None, license=None,
+    ):
+        """Uploads the adapter of [`~SparseSafetyEditor.save_pretrained`], the tokenizer, a multilingual safety model
+        card and (with `safety_report`) its chart to the Hub repository `repo_id` (created if needed), in one commit.
+
+        Args:
+            repo_id (`str`):
+                Target repository.
+            safety_report ([`~hf_mlsafety.evaluation.SafetyReport`], *optional*):
+                Evaluation of the edited model, shown in the card (with `baseline_report`: before → after).
+            license (`str`, *optional*):
+                Licence for the card when the base model has none recorded.
+
+        Returns:
+            The commit info.
+        """
+        from ..evaluation import plot_asr_comparison
+        from ..model_card import CHART_FILE, generate_safety_model_card
+
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
+            self.processing_class.save_pretrained(folder)
+            chart_file = None
+            if safety_report is not None:
+                reports = [baseline_report, safety_report] if baseline_report is not None else [safety_report]
+                plot_asr_comparison(reports, os.path.join(folder, CHART_FILE))
+                chart_file = CHART_FILE
+            generate_safety_model_card(
+                model_name=repo_id.split("/")[-1],
+                method_name=self._name,
+                paper=self._paper,
+                method_summary=(
+                    "Training-free: the MLP safety neurons are found by contrasting harmful and harmless prompts, then a "
+                    "closed-form, low-rank, regularised least-squares edit maps low-resource harmful representations "
+                    "onto the English ones while penalising any change on harmless anchors. The edit is stored as an "
+                    "exact LoRA adapter."
+                ),
+                base_model_name_or_path=self.model.config._name_or_path,
+                hub_model_id=repo_id,
+                languages=list(self.safety_neurons or []),
+                tags=self._tag_names,
+                license=license,
+                training_config=self.config.to_dict(),
+                report=safety_report,
+                baseline_report=baseline_report,
+                chart_file=chart_file,
+            ).save(os.path.join(folder, "README.md"))
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
 
     # -----------------------------------------------------------------------------------------------------------------
