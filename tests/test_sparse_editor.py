@@ -349,28 +349,6 @@ def test_4bit_model_is_edited_through_the_adapter(tiny_model_dir, tiny_tokenizer
     assert (shift_4bit - fp32_shift).norm() < 0.5 * fp32_shift.norm()
 
 
-def test_push_to_hub_uploads_the_adapter(model, tiny_tokenizer, harmful, harmless, monkeypatch):
-    uploaded = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            uploaded["token"] = token
-
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            uploaded.update(repo_id=repo_id, private=private, exist_ok=exist_ok)
-            return type("RepoUrl", (), {"repo_id": f"user/{repo_id}"})()
-
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            uploaded.update(target=repo_id, files=sorted(os.listdir(folder_path)), message=commit_message)
-            return "commit"
-
-    monkeypatch.setattr("hf_mlsafety.editing.sparse_editor.HfApi", FakeApi)
-    editor = SparseSafetyEditor(model, tiny_tokenizer, SparseEditConfig(rank=1, layers=[1])).fit(harmful, harmless)
-    assert editor.push_to_hub("swe-tiny", private=True, token="t") == "commit"
-    assert uploaded["target"] == "user/swe-tiny" and uploaded["private"] is True and uploaded["exist_ok"] is True
-    assert uploaded["files"] == ["adapter_config.json", "adapter_model.safetensors", "sparse_edit.json"]
-
-
 # Bad input
 
 
