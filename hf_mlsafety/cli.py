@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "mlc-sft": ("mlc_sft", "SFT + Multi-Lingual Consistency loss (MLCSFTTrainer), like `trl sft`."),
     "mpo": ("mpo", "Multilingual reward gaP Optimization (MPOTrainer), like `trl dpo`."),
     "msd": ("msd", "Multilingual Self-Distillation with DPSW (MSDTrainer), like `trl distillation`."),
+    "edit": ("edit", "Training-free sparse weight editing (SparseSafetyEditor), saved as a LoRA adapter."),
     "eval": ("eval", "Per-language safety evaluation (attack success rate, refusal, invalid, over-refusal)."),
 }
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 
@@ -7,7 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_mlsafety_tests_home_"))
+_HF_HOME = tempfile.mkdtemp(prefix="hf_mlsafety_tests_home_")
+os.environ.setdefault("HF_HOME", _HF_HOME)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -65,3 +67,5 @@ def hub(monkeypatch):
 
 def pytest_unconfigure(config):
     FAKE_HUB.stop()
+    shutil.rmtree(FAKE_HUB.root, ignore_errors=True)
+    shutil.rmtree(_HF_HOME, ignore_errors=True)

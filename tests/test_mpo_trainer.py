@@ -125,6 +125,13 @@ def test_prompt_filling_max_length_drops_the_pair_jointly(tiny_model_dir, tiny_t
     assert tiny_tokenizer.decode(trainer.train_dataset[2]["target_prompt_ids"]) == WIDE["sw"][1]
 
 
+def test_every_prompt_filling_max_length_is_an_error(tiny_model_dir, tiny_tokenizer, tmp_path):
+    args = mpo_args(tmp_path)
+    args.max_length = 4
+    with pytest.raises(ValueError, match="nothing is left to train on. Increase `max_length`"):
+        MPOTrainer(model=tiny_model_dir, args=args, train_dataset=mpo_dataset(), processing_class=tiny_tokenizer)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

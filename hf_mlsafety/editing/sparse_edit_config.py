@@ -85,7 +85,9 @@ class SparseEditConfig:
     # Edit
     layers: list[int] | None = field(
         default=None,
-        metadata={"help": "Layers to edit; None = the middle layer (40–70% depth) with the most English neurons."},
+        metadata={
+            "help": "Layers to edit; None = the middle layer (40 to 70 percent of depth) with the most English neurons."
+        },
     )
     edit_neurons: str = field(
         default="english",

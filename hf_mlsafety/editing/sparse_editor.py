@@ -479,6 +479,53 @@ class SparseSafetyEditor:
             json.dump(record, handle, indent=2)
         return str(save_directory)
 
+    def create_model_card(
+        self, save_directory, hub_model_id=None, safety_report=None, baseline_report=None, license=None
+    ):
+        """Writes the multilingual safety model card (`README.md`) and, with `safety_report`, its ASR chart into
+        `save_directory`.
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                Folder of the saved adapter.
+            hub_model_id (`str`, *optional*):
+                Repository the card is for; defaults to the folder's name.
+            safety_report ([`~hf_mlsafety.evaluation.SafetyReport`], *optional*):
+                Evaluation of the edited model, shown in the card (with `baseline_report`: before → after).
+            license (`str`, *optional*):
+                Licence for the card when the base model has none recorded.
+        """
+        from ..evaluation import plot_asr_comparison
+        from ..model_card import CHART_FILE, generate_safety_model_card
+
+        os.makedirs(save_directory, exist_ok=True)
+        chart_file = None
+        if safety_report is not None:
+            reports = [baseline_report, safety_report] if baseline_report is not None else [safety_report]
+            plot_asr_comparison(reports, os.path.join(save_directory, CHART_FILE))
+            chart_file = CHART_FILE
+        hub_model_id = hub_model_id or os.path.basename(os.path.abspath(save_directory))
+        generate_safety_model_card(
+            model_name=hub_model_id.split("/")[-1],
+            method_name=self._name,
+            paper=self._paper,
+            method_summary=(
+                "Training-free: the MLP safety neurons are found by contrasting harmful and harmless prompts, then a "
+                "closed-form, low-rank, regularised least-squares edit maps low-resource harmful representations "
+                "onto the English ones while penalising any change on harmless anchors. The edit is stored as an "
+                "exact LoRA adapter."
+            ),
+            base_model_name_or_path=self.model.config._name_or_path,
+            hub_model_id=hub_model_id,
+            languages=list(self.safety_neurons or []),
+            tags=self._tag_names,
+            license=license,
+            training_config=self.config.to_dict(),
+            report=safety_report,
+            baseline_report=baseline_report,
+            chart_file=chart_file,
+        ).save(os.path.join(save_directory, "README.md"))
+
     def push_to_hub(
         self, repo_id, private=None, token=None, commit_message="Upload sparse safety edit", safety_report=None,
         baseline_report=None, license=None,
@@ -497,39 +544,15 @@ class SparseSafetyEditor:
         Returns:
             The commit info.
         """
-        from ..evaluation import plot_asr_comparison
-        from ..model_card import CHART_FILE, generate_safety_model_card
-
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
             self.processing_class.save_pretrained(folder)
-            chart_file = None
-            if safety_report is not None:
-                reports = [baseline_report, safety_report] if baseline_report is not None else [safety_report]
-                plot_asr_comparison(reports, os.path.join(folder, CHART_FILE))
-                chart_file = CHART_FILE
-            generate_safety_model_card(
-                model_name=repo_id.split("/")[-1],
-                method_name=self._name,
-                paper=self._paper,
-                method_summary=(
-                    "Training-free: the MLP safety neurons are found by contrasting harmful and harmless prompts, then a "
-                    "closed-form, low-rank, regularised least-squares edit maps low-resource harmful representations "
-                    "onto the English ones while penalising any change on harmless anchors. The edit is stored as an "
-                    "exact LoRA adapter."
-                ),
-                base_model_name_or_path=self.model.config._name_or_path,
-                hub_model_id=repo_id,
-                languages=list(self.safety_neurons or []),
-                tags=self._tag_names,
+            self.create_model_card(
+                folder, hub_model_id=repo_id, safety_report=safety_report, baseline_report=baseline_report,
                 license=license,
-                training_config=self.config.to_dict(),
-                report=safety_report,
-                baseline_report=baseline_report,
-                chart_file=chart_file,
-            ).save(os.path.join(folder, "README.md"))
+            )
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
 
     # -----------------------------------------------------------------------------------------------------------------

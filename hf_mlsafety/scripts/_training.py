@@ -1,5 +1,6 @@
 """What the training subcommands share: the script arguments, dataset loading, before/after evaluation, saving."""
 
+import os
 from dataclasses import dataclass, field
 
 from datasets import load_dataset
@@ -38,8 +39,21 @@ def load_train_dataset(script_args, task):
     if script_args.dataset_name == "builtin":
         languages = script_args.languages.split(",") if script_args.languages else None
         return load_builtin_dataset(task, split="train", languages=languages)
-    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-    return dataset[script_args.dataset_train_split]
+    return load_dataset_split(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+
+
+# Builders of `datasets` for single data files, by extension.
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_dataset_split(name, config=None, split="train"):
+    """One split of a Hub dataset, a local dataset folder, or a single .json / .jsonl / .csv / .parquet file."""
+    if os.path.isfile(name):
+        extension = os.path.splitext(name)[1].lower()
+        if extension not in _FILE_BUILDERS:
+            raise ValueError(f"--dataset_name {name!r}: a data file must be one of {sorted(_FILE_BUILDERS)}.")
+        return load_dataset(_FILE_BUILDERS[extension], data_files=name, split="train")
+    return load_dataset(name, name=config)[split]
 
 
 def model_path(model_args):

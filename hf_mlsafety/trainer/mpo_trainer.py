@@ -248,6 +248,11 @@ class MPOTrainer(SafetyModelCardMixin, DPOTrainer):
                 )
                 dropped = set(too_long)
                 dataset = dataset.select([index for index in range(len(dataset)) if index not in dropped])
+                if len(dataset) == 0:
+                    raise ValueError(
+                        f"Every row of the {dataset_name} dataset has a prompt that fills `max_length="
+                        f"{args.max_length}` tokens: nothing is left to train on. Increase `max_length`."
+                    )
         return dataset
 
     def _set_signature_columns_if_needed(self):
