@@ -16,6 +16,8 @@ from hf_mlsafety.trainer.mlc_utils import (
     EXTRACTOR_CONFIG_NAME,
     EXTRACTOR_WEIGHTS_NAME,
     MLCExtractor,
+    last_prompt_token_states,
+    length_buckets,
     mlc_rows,
     resolve_mlc_layer,
 )
@@ -183,10 +185,11 @@ def test_lambda_zero_reproduces_dpo_loss_for_every_loss_type(tmp_path, tiny_mode
     assert abs(mlc_loss.item() - dpo_loss.item()) <= 1e-6
 
     # The reference model only saw the 2·B preference rows; the policy ran them (fused head) plus the B·m variant
-    # rows, for which no vocabulary logits were built
+    # rows (in up to two forwards of similar length), for which no vocabulary logits were built
     assert ref_rows == [4]
     assert isinstance(policy_outputs[0], FusedCausalLMOutput)
-    assert policy_outputs[1].logits.shape == (2 * len(LANGUAGES), 0, len(tiny_tokenizer))
+    assert sum(output.logits.shape[0] for output in policy_outputs[1:]) == 2 * len(LANGUAGES)
+    assert all(output.logits.shape[1:] == (0, len(tiny_tokenizer)) for output in policy_outputs[1:])
 
     # λ = 0 still logs the MLC metrics; with λ > 0 the term is added on top of the unchanged DPO loss
     mlc_term = mlc._metrics[mode]["mlc/loss"][-1]
@@ -374,3 +377,26 @@ def test_eval_dataset_languages_must_match_and_drop_policy(tmp_path, tiny_model_
 def test_config_validation(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         MLCConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **{field: value})
+
+
+def test_length_buckets_cut_where_padding_is_least():
+    # Six short rows and two long ones: one padded batch holds 8 * 40 positions, two buckets 6 * 6 + 2 * 40
+    lengths = [5, 40, 6, 4, 38, 6, 5, 6]
+    short, long = length_buckets(lengths)
+    assert sorted(short) == [0, 2, 3, 5, 6, 7] and sorted(long) == [1, 4]
+    assert length_buckets([7, 7, 7]) == [[0, 1, 2]]  # equal lengths: one forward
+
+
+def test_variant_states_match_one_forward_per_row(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = build_tiny_model(tiny_tokenizer).eval()
+    lengths = [3, 17, 4, 16, 5, 3]
+    input_ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(1, model.config.vocab_size, (length,))
+        attention_mask[row, :length] = 1
+    states = last_prompt_token_states(model, input_ids, attention_mask, layer=1)
+    for row, length in enumerate(lengths):
+        alone = model(input_ids=input_ids[row : row + 1, :length], output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(states[row], alone[0, -1], atol=1e-5, rtol=1e-5)

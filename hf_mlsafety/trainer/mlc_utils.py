@@ -286,23 +286,49 @@ def resolve_mlc_layer(layer, num_hidden_layers):
     return resolved
 
 
+def length_buckets(lengths):
+    """Splits rows into at most two groups of similar length, at the cut that minimises the padded positions.
+
+    Prompts of one example differ a lot in token count across languages (scripts a tokenizer splits finely run 2-4x
+    longer), so one right-padded batch of all variants is mostly padding. Returns lists of row indices.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sorted_lengths = [lengths[index] for index in order]
+    rows, longest = len(order), sorted_lengths[-1]
+
+    def padded_positions(cut):
+        return cut * sorted_lengths[cut - 1] + (rows - cut) * longest
+
+    cut = min(range(rows, 0, -1), key=padded_positions)  # ties go to the larger cut: one forward rather than two
+    return [order[:cut], order[cut:]] if cut < rows else [order]
+
+
 def last_prompt_token_states(model, input_ids, attention_mask, layer):
     """Hidden state at `layer` of the last prompt token of each (right-padded) row, shape `(rows, hidden_size)`.
 
     Goes through the (possibly wrapped) model's plain forward, so DDP hooks and PEFT adapters apply, without TRL's
     fused head. An empty `logits_to_keep` index makes the LM head project no position: no vocabulary logits are built.
+    Rows run in up to two forwards of similar length (see [`length_buckets`]), each trimmed to its longest row.
     """
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=[layer],
-        logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
-        use_cache=False,
-    )
-    # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
-    hidden_states = outputs.hidden_states[layer][:, -input_ids.size(1) :]
-    last = (attention_mask.sum(-1) - 1).to(hidden_states.device)
-    return hidden_states[torch.arange(hidden_states.size(0), device=hidden_states.device), last]
+    lengths = attention_mask.sum(-1)
+    states = []
+    buckets = length_buckets(lengths.tolist())
+    for rows in buckets:
+        rows = torch.tensor(rows, device=input_ids.device)
+        width = int(lengths[rows].max())
+        outputs = model(
+            input_ids=input_ids[rows, :width],
+            attention_mask=attention_mask[rows, :width],
+            output_hidden_states=[layer],
+            logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
+            use_cache=False,
+        )
+        # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
+        hidden_states = outputs.hidden_states[layer][:, -width:]
+        last = (lengths[rows] - 1).to(hidden_states.device)
+        states.append(hidden_states[torch.arange(len(rows), device=hidden_states.device), last])
+    order = torch.cat([torch.as_tensor(rows) for rows in buckets]).argsort()
+    return torch.cat(states)[order.to(states[0].device)]
 
 
 def compute_mlc_loss(model, extractor, input_ids, attention_mask, num_rows, layer, tau, detach_sigma1):
