@@ -52,6 +52,11 @@ def _versions():
     return {key: __version__ if dist is None else importlib.metadata.version(dist) for key, dist in names.items()}
 
 
+# The evaluation set named in cards unless another is given: the package's held-out test prompts.
+EVAL_DATASET_NAME = "hf-mlsafety built-in test prompts"
+EVAL_DATASET_TYPE = "hf-mlsafety/builtin"
+
+
 def generate_safety_model_card(
     *,
     model_name,
@@ -68,8 +73,8 @@ def generate_safety_model_card(
     training_config=None,
     report=None,
     baseline_report=None,
-    eval_dataset_name="hf-mlsafety built-in test prompts",
-    eval_dataset_type="hf-mlsafety/builtin",
+    eval_dataset_name=EVAL_DATASET_NAME,
+    eval_dataset_type=EVAL_DATASET_TYPE,
     chart_file=None,
 ):
     """Renders a multilingual safety model card.
@@ -203,7 +208,7 @@ class SafetyModelCardMixin:
 
     def create_model_card(
         self, model_name=None, dataset_name=None, tags=None, safety_report=None, baseline_report=None, languages=None,
-        license=None, **kwargs,
+        license=None, eval_dataset_name=EVAL_DATASET_NAME, eval_dataset_type=EVAL_DATASET_TYPE, **kwargs,
     ):
         if not self.is_world_process_zero():
             return
@@ -231,6 +236,8 @@ class SafetyModelCardMixin:
             training_config=self._card_training_config(),
             report=safety_report,
             baseline_report=baseline_report,
+            eval_dataset_name=eval_dataset_name,
+            eval_dataset_type=eval_dataset_type,
             chart_file=chart_file,
         )
         card.save(os.path.join(self.args.output_dir, "README.md"))

@@ -65,3 +65,21 @@ def test_builtin_bad_arguments():
         load_builtin_dataset("mlc", languages=["en", "ru"])
     with pytest.raises(ValueError, match="Unknown language code 'xx'"):
         load_builtin_dataset("probes", languages=["xx"])
+
+
+@pytest.mark.parametrize("task", ["preference", "mlc", "mlc_sft", "mpo", "msd"])
+def test_training_tasks_are_conversational_by_default(task):
+    # Chat models must train on what they see at inference: TRL renders conversational rows with the chat template and
+    # tokenizes plain text as is.
+    row = load_builtin_dataset(task, split="dev", languages=["en", "sw"])[0]
+    prompts = [column for column in row if column.startswith(("prompt", "target_prompt"))]
+    responses = [column for column in row if column in ("chosen", "rejected", "completion", "target_chosen",
+                                                         "target_rejected")]
+    assert prompts
+    for column in prompts:
+        assert [turn["role"] for turn in row[column]] == ["user"], column
+    for column in responses:
+        assert [turn["role"] for turn in row[column]] == ["assistant"], column
+    plain = load_builtin_dataset(task, split="dev", languages=["en", "sw"], conversational=False)[0]
+    assert all(isinstance(plain[column], str) for column in prompts + responses)
+    assert plain["prompt"] == row["prompt"][0]["content"]

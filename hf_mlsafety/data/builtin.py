@@ -62,7 +62,7 @@ def builtin_wide_table(kind, split="train"):
     return Dataset.from_list(table)
 
 
-def load_builtin_dataset(task, split="train", languages=None):
+def load_builtin_dataset(task, split="train", languages=None, conversational=True):
     """Loads the built-in data in the format of one method.
 
     Args:
@@ -83,6 +83,10 @@ def load_builtin_dataset(task, split="train", languages=None):
         languages (`list[str]`, *optional*):
             Languages to include; defaults to English for `"preference"` and to the ten MultiJail languages otherwise.
             For `"mpo"` and `"msd"` English is the dominant / pivot language and is left out of the targets.
+        conversational (`bool`, *optional*, defaults to `True`):
+            Training tasks (`"preference"`, `"mlc"`, `"mlc_sft"`, `"mpo"`, `"msd"`) in TRL's conversational format:
+            prompts as user turns, responses as assistant turns, so the trainers render them with the model's chat
+            template, as the model sees them at inference. `False` gives plain text, which TRL tokenizes as is.
 
     Returns:
         [`~datasets.Dataset`]
@@ -103,17 +107,20 @@ def load_builtin_dataset(task, split="train", languages=None):
             + [f"{kind}_{code}" for code in languages for kind in ("chosen", "rejected")]
         )
     if task == "preference":
-        parts = [wide_to_preference(harmful, code).add_column("language", [code] * len(harmful)) for code in languages]
+        parts = [
+            wide_to_preference(harmful, code, conversational).add_column("language", [code] * len(harmful))
+            for code in languages
+        ]
         return Dataset.from_list([row for part in parts for row in part])
     if task == "mlc":
-        return wide_to_mlc(harmful, languages)
+        return wide_to_mlc(harmful, languages, conversational=conversational)
     if task == "mlc_sft":
-        return wide_to_mlc(harmful, languages, sft=True)
+        return wide_to_mlc(harmful, languages, sft=True, conversational=conversational)
     if task == "mpo":
-        return wide_to_mpo(harmful, targets)
+        return wide_to_mpo(harmful, targets, conversational=conversational)
     harmless = builtin_wide_table("harmless", split)
     if task == "msd":
-        parts = [wide_to_msd(table, targets) for table in (harmful, harmless)]
+        parts = [wide_to_msd(table, targets, conversational=conversational) for table in (harmful, harmless)]
         labels = [label for table in (harmful, harmless) for label in table["label"] for _ in targets]
         return Dataset.from_list([row for part in parts for row in part]).add_column("label", labels)
     return Dataset.from_list(

@@ -41,6 +41,22 @@ def as_user_turn(prompt):
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
+def as_assistant_turn(response):
+    """A response as a conversational assistant turn (leaves lists of messages unchanged)."""
+    return [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+
+
+def _conversational(rows, prompt_columns, response_columns):
+    """Rows with the prompt columns as user turns and the response columns as assistant turns (TRL's conversational
+    format, which the trainers render with the model's chat template)."""
+    for row in rows:
+        for column in prompt_columns:
+            row[column] = as_user_turn(row[column])
+        for column in response_columns:
+            row[column] = as_assistant_turn(row[column])
+    return rows
+
+
 def _raise_problems(problems, what):
     if problems:
         listed = "\n".join(f"  - {problem}" for problem in problems[:_MAX_LISTED_PROBLEMS])
@@ -232,25 +248,20 @@ def wide_to_preference(wide, language="en", conversational=False):
     (language,) = validate_wide_table(wide, [language])
     _check_columns(wide, [f"chosen_{language}", f"rejected_{language}"], "wide table")
     rows = [
-        {
-            "prompt": as_user_turn(row[language]) if conversational else row[language],
-            "chosen": row[f"chosen_{language}"],
-            "rejected": row[f"rejected_{language}"],
-        }
+        {"prompt": row[language], "chosen": row[f"chosen_{language}"], "rejected": row[f"rejected_{language}"]}
         for row in wide
     ]
     if conversational:
-        for row in rows:
-            row["chosen"] = [{"role": "assistant", "content": row["chosen"]}]
-            row["rejected"] = [{"role": "assistant", "content": row["rejected"]}]
+        _conversational(rows, ["prompt"], ["chosen", "rejected"])
     dataset = Dataset.from_list(rows)
     validate_preference_dataset(dataset)
     return dataset
 
 
-def wide_to_mlc(wide, languages, source_language="en", sft=False):
+def wide_to_mlc(wide, languages, source_language="en", sft=False, conversational=False):
     """MLC rows: the source-language preference triple (or `prompt`/`completion` with `sft=True`, the completion being
-    `chosen_<source>`) plus one `prompt_<lang>` column per language in `languages`."""
+    `chosen_<source>`) plus one `prompt_<lang>` column per language in `languages`; every prompt a user turn and every
+    response an assistant turn with `conversational=True`."""
     languages = validate_wide_table(wide, languages)
     validate_wide_table(wide, [source_language])
     _check_columns(wide, [f"chosen_{source_language}"] + ([] if sft else [f"rejected_{source_language}"]), "wide table")
@@ -264,14 +275,18 @@ def wide_to_mlc(wide, languages, source_language="en", sft=False):
             out["rejected"] = row[f"rejected_{source_language}"]
         out.update({f"prompt_{code}": row[code] for code in languages})
         rows.append(out)
+    if conversational:
+        responses = ["completion"] if sft else ["chosen", "rejected"]
+        _conversational(rows, ["prompt", *(f"prompt_{code}" for code in languages)], responses)
     dataset = Dataset.from_list(rows)
     validate_mlc_dataset(dataset, languages, response_columns=("completion",) if sft else ("chosen", "rejected"))
     return dataset
 
 
-def wide_to_mpo(wide, target_languages, dominant_language="en"):
+def wide_to_mpo(wide, target_languages, dominant_language="en", conversational=False):
     """MPO rows: one per (wide row, target language). The target responses come from `chosen_<lang>` /
-    `rejected_<lang>`; a table without them cannot feed MPO (it needs target-language responses)."""
+    `rejected_<lang>`; a table without them cannot feed MPO (it needs target-language responses). With
+    `conversational=True` prompts are user turns and responses assistant turns."""
     target_languages = validate_wide_table(wide, target_languages)
     if dominant_language in target_languages:
         raise ValueError(f"`target_languages` must not contain the dominant language {dominant_language!r}.")
@@ -293,15 +308,17 @@ def wide_to_mpo(wide, target_languages, dominant_language="en"):
                     "parallel_id": _row_id(row, index),
                 }
             )
+    if conversational:
+        _conversational(rows, ["prompt", "target_prompt"], ["chosen", "rejected", "target_chosen", "target_rejected"])
     dataset = Dataset.from_list(rows)
     validate_mpo_dataset(dataset)
     return dataset
 
 
-def wide_to_msd(wide, target_languages, pivot_language="en"):
+def wide_to_msd(wide, target_languages, pivot_language="en", conversational=False):
     """MSD rows: one per (wide row, target language) with `prompt` (target query), `prompt_en` (pivot query) and
-    `language`. Include the pivot language itself in `target_languages` to keep rows where teacher and student see the
-    same query."""
+    `language`; the queries are user turns with `conversational=True`. Include the pivot language itself in
+    `target_languages` to keep rows where teacher and student see the same query."""
     target_languages = validate_wide_table(wide, target_languages)
     validate_wide_table(wide, [pivot_language])
     rows = [
@@ -309,6 +326,8 @@ def wide_to_msd(wide, target_languages, pivot_language="en"):
         for index, row in enumerate(wide)
         for code in target_languages
     ]
+    if conversational:
+        _conversational(rows, ["prompt", "prompt_en"], [])
     dataset = Dataset.from_list(rows)
     validate_msd_dataset(dataset)
     return dataset

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from ..data import validate_probes
 from ..data.formats import as_user_turn
-from ..model_card import hub_model_id_of
+from ..model_card import EVAL_DATASET_NAME, EVAL_DATASET_TYPE, hub_model_id_of
 from ..utils import disable_cpu_4bit_repacking, is_cpu_repacked
 from .solver import (
     activation_moments,
@@ -480,7 +480,8 @@ class SparseSafetyEditor:
         return str(save_directory)
 
     def create_model_card(
-        self, save_directory, hub_model_id=None, safety_report=None, baseline_report=None, license=None
+        self, save_directory, hub_model_id=None, safety_report=None, baseline_report=None, license=None,
+        eval_dataset_name=EVAL_DATASET_NAME, eval_dataset_type=EVAL_DATASET_TYPE,
     ):
         """Writes the multilingual safety model card (`README.md`) and, with `safety_report`, its ASR chart into
         `save_directory`.
@@ -494,6 +495,8 @@ class SparseSafetyEditor:
                 Evaluation of the edited model, shown in the card (with `baseline_report`: before → after).
             license (`str`, *optional*):
                 Licence for the card when the base model has none recorded.
+            eval_dataset_name (`str`, *optional*, defaults to the built-in test prompts):
+                Name of the evaluation set in the card and its `model-index`; `eval_dataset_type` is its id.
         """
         from ..evaluation import plot_asr_comparison
         from ..model_card import CHART_FILE, generate_safety_model_card
@@ -523,6 +526,8 @@ class SparseSafetyEditor:
             training_config=self.config.to_dict(),
             report=safety_report,
             baseline_report=baseline_report,
+            eval_dataset_name=eval_dataset_name,
+            eval_dataset_type=eval_dataset_type,
             chart_file=chart_file,
         ).save(os.path.join(save_directory, "README.md"))
 
