@@ -147,12 +147,12 @@ def main(argv=None):
     def build(method):
         data = load_builtin_dataset(method, languages=LANGUAGES).select(range(2 * options.global_batch_size))
         if method == "mlc":
-            args = MLCConfig(**common(method), max_length=128, train_sampling_strategy="sequential",
+            args = MLCConfig(**common(method), max_length=256, train_sampling_strategy="sequential",
                              mlc_extractor_dim=16)
             return MLCTrainer(model=options.model_dir, args=args, train_dataset=data, processing_class=tokenizer,
                               peft_config=lora())
         if method == "mpo":
-            args = MPOConfig(**common(method), max_length=128, train_sampling_strategy="sequential")
+            args = MPOConfig(**common(method), max_length=256, train_sampling_strategy="sequential")
             return MPOTrainer(model=options.model_dir, args=args, train_dataset=data, processing_class=tokenizer,
                               peft_config=lora())
         args = MSDConfig(**common(method), max_completion_length=6, shuffle_dataset=False,
@@ -171,6 +171,10 @@ def main(argv=None):
     for method in options.methods:
         set_seed(0)  # the same initial LoRA and extractor weights in every run and on every process
         trainer = build(method)
+        # A dropped row (prompt filling `max_length`) would leave a short last batch, which accelerate evens out across
+        # processes by repeating rows: the global batches would then differ from one process's
+        if len(trainer.train_dataset) != 2 * options.global_batch_size:
+            raise RuntimeError(f"{method}: {len(trainer.train_dataset)} training rows left; raise `max_length`")
         initial = trainable(trainer)
         trainer.train()
         final = trainable(trainer)

@@ -70,7 +70,7 @@ def finish(process, handles, log_dir, name):
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and the workers it started (own session)
         process.wait()
     for handle in handles:
-        handle.close()
+        handle.flush()
     if process.returncode != 0:
         stderr = (log_dir / f"{name}.stderr").read_text(errors="replace")
         stdout = (log_dir / f"{name}.stdout").read_text(errors="replace")
@@ -135,10 +135,12 @@ def runs(tiny_model_dir, tmp_path_factory):
         for name in ("single", "ddp"):
             finish(*started[name], logs, name)
     finally:
-        for process, _ in started.values():
+        for process, handles in started.values():
             if process.poll() is None:  # only after a failure: end what this fixture started
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+            for handle in handles:
+                handle.close()
         hub.stop()
 
     def results(folder, ranks):
