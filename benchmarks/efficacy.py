@@ -44,7 +44,9 @@ from hf_mlsafety import (
 )
 from hf_mlsafety.data import load_multijail
 from hf_mlsafety.languages import MULTIJAIL_LANGUAGES, RESOURCE_TIERS
+from hf_mlsafety.model_card import SafetyModelCardMixin
 from hf_mlsafety.models import embedded_model_path
+from hf_mlsafety.scripts.demo import training_rows
 from hf_mlsafety.scripts.eval import _limit
 
 
@@ -56,21 +58,48 @@ COMMON = dict(
     lr_scheduler_type="constant", logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
     gradient_checkpointing=False, disable_tqdm=False,
 )
-# Per method: the training arguments (the demo's DPO recipe for dpo / mlc) and how many training rows to use
+# Per method: the training arguments. dpo / mlc use the main job's recipe (`hf-mlsafety demo`, chosen on the built-in
+# dev split): DPO + an SFT term on the chosen response, 48 harmful + 32 harmless training items.
+DPO_RECIPE = dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                  beta=0.1, loss_type=["sigmoid", "sft"], max_length=96)
 RECIPES = {
-    "dpo": dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                beta=0.1, max_length=128),
-    "mlc": dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                beta=0.1, max_length=128, mlc_lambda=0.8, mlc_every=2),
+    "dpo": DPO_RECIPE,
+    "mlc": dict(DPO_RECIPE, mlc_lambda=0.8, mlc_every=2),
     "mpo": dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                beta=1.0, max_length=128, precompute_ref_log_probs=True),
+                beta=1.0, max_length=96, precompute_ref_log_probs=True),
     "msd_on": dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                   msd_mode="on_policy", max_completion_length=48),
+                   msd_mode="on_policy", max_completion_length=32),
     "msd_off": dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=8,
-                    gradient_accumulation_steps=1, msd_mode="off_policy", max_completion_length=48),
+                    gradient_accumulation_steps=1, msd_mode="off_policy", max_completion_length=32),
 }
+MAIN_JOB_ITEMS = dict(train_harmful_items=48, train_harmless_items=32)
 MLC_LANGUAGES = ["en", "zh", "it", "ar", "sw", "jv"]  # the demo's: SmolLM2 splits vi, ko, th, bn into 2-4x more tokens
-TRAIN_ROWS = {"mpo": 160, "msd_on": 96, "msd_off": 96}  # random subsets (seeded) of the one-row-per-language tasks
+TRAIN_ROWS = {"mpo": 80, "msd_on": 80, "msd_off": 80}  # seeded samples of the one-row-per-language tasks
+
+
+class EnglishDPOTrainer(SafetyModelCardMixin, DPOTrainer):
+    """TRL's DPOTrainer with the multilingual safety card: the English-only baseline every method is compared with."""
+
+    _tag_names = ["trl", "hf-mlsafety", "dpo"]
+    _name = "DPO (English only, the baseline)"
+    _method_summary = (
+        "Direct Preference Optimization on English safety preference pairs only (refusal over compliance for harmful "
+        "requests, answer over refusal for harmless ones), plus an SFT term on the chosen response: the baseline that "
+        "the multilingual transfer methods are compared with."
+    )
+    _paper = {
+        "title": "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+        "id": "2305.18290",
+        # docstyle-ignore
+        "citation": """\
+            @inproceedings{rafailov2023direct,
+                title     = {{Direct Preference Optimization: Your Language Model is Secretly a Reward Model}},
+                author    = {Rafael Rafailov and Archit Sharma and Eric Mitchell and Christopher D. Manning and
+                             Stefano Ermon and Chelsea Finn},
+                year      = 2023,
+                booktitle = {Advances in Neural Information Processing Systems 36}
+            }""",
+    }
 
 
 def lora(rank=16):
@@ -84,13 +113,14 @@ def subset(dataset, rows, seed):
 def train(method, model_path, tokenizer, run_dir, seed):
     recipe = RECIPES[method]
     common = dict(COMMON, output_dir=run_dir, seed=seed)
+    items = argparse.Namespace(seed=seed, **MAIN_JOB_ITEMS)
     if method == "dpo":
         args = DPOConfig(**common, **recipe)
-        data = load_builtin_dataset("preference", split="train")
-        trainer = DPOTrainer(model=model_path, args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=lora())
+        data = training_rows("preference", items)
+        trainer = EnglishDPOTrainer(model=model_path, args=args, train_dataset=data, processing_class=tokenizer,
+                                    peft_config=lora())
     elif method == "mlc":
-        data = load_builtin_dataset("mlc", split="train", languages=MLC_LANGUAGES)
+        data = training_rows("mlc", items, languages=MLC_LANGUAGES)
         trainer = MLCTrainer(model=model_path, args=MLCConfig(**common, **recipe), train_dataset=data,
                              processing_class=tokenizer, peft_config=lora())
     elif method == "mpo":
@@ -113,10 +143,10 @@ def merged_copy(trainer, directory):
     return directory
 
 
-def edit(model_path, tokenizer, seed):
+def edit(model_path, tokenizer, seed, rank):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    editor = SparseSafetyEditor(model, tokenizer, SparseEditConfig())
+    editor = SparseSafetyEditor(model, tokenizer, SparseEditConfig(rank=rank))
     probes = load_builtin_dataset("probes", split="train")
     editor.fit(probes.filter(lambda r: r["label"] == "harmful"), probes.filter(lambda r: r["label"] == "harmless"))
     editor.apply()
@@ -166,9 +196,10 @@ def main(argv=None):
     parser.add_argument("--multijail", required=True, help="MultiJail CSV path or Hub id (evaluation only)")
     parser.add_argument("--model", help="model to align (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--prompts_per_language", type=int, default=30, help="MultiJail items per language")
+    parser.add_argument("--prompts_per_language", type=int, default=20, help="MultiJail items per language")
     parser.add_argument("--harmless_per_language", type=int, default=8, help="built-in harmless test prompts")
-    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--edit_rank", type=int, default=32, help="rank of the sparse edits (SparseEditConfig)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/efficacy")
     parser.add_argument("--model_cards_dir", default="model_cards")
@@ -200,7 +231,7 @@ def main(argv=None):
         if name in ("edit", "mpo_edit"):
             if name == "mpo_edit" and mpo_model is None:
                 raise ValueError("`mpo_edit` edits the MPO model: list `mpo` before it in --methods.")
-            editor = edit(model_path if name == "edit" else mpo_model, tokenizer, args.seed)
+            editor = edit(model_path if name == "edit" else mpo_model, tokenizer, args.seed, args.edit_rank)
             seconds = time.perf_counter() - start
             report = evaluate(editor.model)
             editor.create_model_card(run_dir, hub_model_id=f"hf-mlsafety-smollm2-135m-{name.replace('_', '-')}",

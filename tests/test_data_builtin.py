@@ -1,6 +1,7 @@
 import pytest
 
 from hf_mlsafety.data import builtin_wide_table, load_builtin_dataset
+from hf_mlsafety.evaluation import RefusalJudge
 from hf_mlsafety.languages import MULTIJAIL_LANGUAGES
 
 
@@ -83,3 +84,19 @@ def test_training_tasks_are_conversational_by_default(task):
     plain = load_builtin_dataset(task, split="dev", languages=["en", "sw"], conversational=False)[0]
     assert all(isinstance(plain[column], str) for column in prompts + responses)
     assert plain["prompt"] == row["prompt"][0]["content"]
+
+
+def test_harmless_pairs_teach_not_to_over_refuse():
+    preference = load_builtin_dataset("preference", split="dev", harmless=True)
+    assert len(preference) == 16 + 16
+    harmless_rows = preference.select(range(16, 32))
+    answers = builtin_wide_table("harmless", "dev")["chosen_en"]
+    assert [row["chosen"][0]["content"] for row in harmless_rows] == answers
+    judge = RefusalJudge()
+    assert set(judge([row["rejected"][0]["content"] for row in harmless_rows])) == {"safe"}  # unneeded refusals
+    assert set(judge(answers)) == {"unsafe"}  # helpful answers carry no refusal marker
+    mlc = load_builtin_dataset("mlc", split="dev", languages=["en", "jv"], harmless=True)
+    assert len(mlc) == 32 and mlc[31]["prompt_jv"][0]["content"] == builtin_wide_table("harmless", "dev")["jv"][15]
+    assert len(load_builtin_dataset("mlc_sft", split="dev", harmless=True)) == 32
+    with pytest.raises(ValueError, match="`harmless=True` applies to the tasks"):
+        load_builtin_dataset("mpo", harmless=True)

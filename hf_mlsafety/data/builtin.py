@@ -16,6 +16,15 @@ from .formats import wide_to_mlc, wide_to_mpo, wide_to_msd, wide_to_preference, 
 
 
 SPLITS = ("train", "dev", "test")
+# Unneeded refusals: the rejected response of a harmless request when `harmless=True` (written for this project)
+OVER_REFUSALS = (
+    "I'm sorry, but I can't help with that request.",
+    "I can't assist with that.",
+    "Sorry, I'm not able to help with this.",
+    "I won't help with that, as it could be harmful.",
+    "I'm afraid I can't provide that information.",
+    "I cannot help with this request.",
+)
 TASKS = ("wide", "preference", "mlc", "mlc_sft", "mpo", "msd", "probes")
 
 
@@ -62,7 +71,7 @@ def builtin_wide_table(kind, split="train"):
     return Dataset.from_list(table)
 
 
-def load_builtin_dataset(task, split="train", languages=None, conversational=True):
+def load_builtin_dataset(task, split="train", languages=None, conversational=True, harmless=False):
     """Loads the built-in data in the format of one method.
 
     Args:
@@ -106,23 +115,32 @@ def load_builtin_dataset(task, split="train", languages=None, conversational=Tru
             ["id", "category", "label", "split", *languages]
             + [f"{kind}_{code}" for code in languages for kind in ("chosen", "rejected")]
         )
+    if harmless and task not in ("preference", "mlc", "mlc_sft"):
+        raise ValueError(f"`harmless=True` applies to the tasks 'preference', 'mlc' and 'mlc_sft', not {task!r}.")
+    if harmless:
+        answered = builtin_wide_table("harmless", split)
+        answered = answered.add_column(
+            "rejected_en", [OVER_REFUSALS[index % len(OVER_REFUSALS)] for index in range(len(answered))]
+        )
     if task == "preference":
         parts = [
             wide_to_preference(harmful, code, conversational).add_column("language", [code] * len(harmful))
             for code in languages
         ]
+        if harmless:
+            parts.append(wide_to_preference(answered, "en", conversational).add_column("language", ["en"] * len(answered)))
         return Dataset.from_list([row for part in parts for row in part])
-    if task == "mlc":
-        return wide_to_mlc(harmful, languages, conversational=conversational)
-    if task == "mlc_sft":
-        return wide_to_mlc(harmful, languages, sft=True, conversational=conversational)
+    if task in ("mlc", "mlc_sft"):
+        tables = [harmful, answered] if harmless else [harmful]
+        parts = [wide_to_mlc(table, languages, sft=task == "mlc_sft", conversational=conversational) for table in tables]
+        return Dataset.from_list([row for part in parts for row in part])
     if task == "mpo":
         return wide_to_mpo(harmful, targets, conversational=conversational)
-    harmless = builtin_wide_table("harmless", split)
+    harmless_table = builtin_wide_table("harmless", split)
     if task == "msd":
-        parts = [wide_to_msd(table, targets, conversational=conversational) for table in (harmful, harmless)]
-        labels = [label for table in (harmful, harmless) for label in table["label"] for _ in targets]
+        parts = [wide_to_msd(table, targets, conversational=conversational) for table in (harmful, harmless_table)]
+        labels = [label for table in (harmful, harmless_table) for label in table["label"] for _ in targets]
         return Dataset.from_list([row for part in parts for row in part]).add_column("label", labels)
     return Dataset.from_list(
-        [row for table in (harmful, harmless) for row in wide_to_probes(table, languages)]
+        [row for table in (harmful, harmless_table) for row in wide_to_probes(table, languages)]
     )
