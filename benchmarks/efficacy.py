@@ -46,7 +46,7 @@ from hf_mlsafety.data import load_multijail
 from hf_mlsafety.languages import MULTIJAIL_LANGUAGES, RESOURCE_TIERS
 from hf_mlsafety.model_card import SafetyModelCardMixin
 from hf_mlsafety.models import embedded_model_path
-from hf_mlsafety.scripts.demo import training_rows
+from hf_mlsafety.scripts.demo import DemoArguments, training_rows
 from hf_mlsafety.scripts.eval import _limit
 
 
@@ -59,21 +59,25 @@ COMMON = dict(
     gradient_checkpointing=False, disable_tqdm=False,
 )
 # Per method: the training arguments. dpo / mlc use the main job's recipe (`hf-mlsafety demo`, chosen on the built-in
-# dev split): DPO + an SFT term on the chosen response, 48 harmful + 32 harmless training items.
-DPO_RECIPE = dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                  beta=0.1, loss_type=["sigmoid", "sft"], max_length=96)
+# dev split): DPO + an SFT term on the chosen response, on a seeded sample of harmful and harmless training items.
+MAIN_JOB = DemoArguments()
+DPO_RECIPE = dict(
+    learning_rate=MAIN_JOB.learning_rate, num_train_epochs=MAIN_JOB.num_train_epochs,
+    per_device_train_batch_size=MAIN_JOB.per_device_train_batch_size,
+    gradient_accumulation_steps=MAIN_JOB.gradient_accumulation_steps, beta=MAIN_JOB.beta,
+    loss_type=MAIN_JOB.loss_type.split(","), max_length=MAIN_JOB.max_length,
+)
 RECIPES = {
     "dpo": DPO_RECIPE,
-    "mlc": dict(DPO_RECIPE, mlc_lambda=0.8, mlc_every=2),
-    "mpo": dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                beta=1.0, max_length=96, precompute_ref_log_probs=True),
-    "msd_on": dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                   msd_mode="on_policy", max_completion_length=32),
-    "msd_off": dict(learning_rate=5e-4, num_train_epochs=1, per_device_train_batch_size=8,
+    "mlc": dict(DPO_RECIPE, mlc_lambda=MAIN_JOB.mlc_lambda, mlc_every=MAIN_JOB.mlc_every),
+    "mpo": dict(learning_rate=MAIN_JOB.learning_rate, num_train_epochs=1, per_device_train_batch_size=4,
+                gradient_accumulation_steps=2, beta=1.0, max_length=MAIN_JOB.max_length, precompute_ref_log_probs=True),
+    "msd_on": dict(learning_rate=MAIN_JOB.learning_rate, num_train_epochs=1, per_device_train_batch_size=8,
+                   gradient_accumulation_steps=1, msd_mode="on_policy", max_completion_length=32),
+    "msd_off": dict(learning_rate=MAIN_JOB.learning_rate, num_train_epochs=1, per_device_train_batch_size=8,
                     gradient_accumulation_steps=1, msd_mode="off_policy", max_completion_length=32),
 }
-MAIN_JOB_ITEMS = dict(train_harmful_items=48, train_harmless_items=32)
-MLC_LANGUAGES = ["en", "zh", "it", "ar", "sw", "jv"]  # the demo's: SmolLM2 splits vi, ko, th, bn into 2-4x more tokens
+MLC_LANGUAGES = MAIN_JOB.mlc_languages.split(",")  # SmolLM2 splits vi, ko, th, bn into 2-4x more tokens
 TRAIN_ROWS = {"mpo": 80, "msd_on": 80, "msd_off": 80}  # seeded samples of the one-row-per-language tasks
 
 
@@ -113,7 +117,8 @@ def subset(dataset, rows, seed):
 def train(method, model_path, tokenizer, run_dir, seed):
     recipe = RECIPES[method]
     common = dict(COMMON, output_dir=run_dir, seed=seed)
-    items = argparse.Namespace(seed=seed, **MAIN_JOB_ITEMS)
+    items = argparse.Namespace(seed=seed, train_harmful_items=MAIN_JOB.train_harmful_items,
+                               train_harmless_items=MAIN_JOB.train_harmless_items)
     if method == "dpo":
         args = DPOConfig(**common, **recipe)
         data = training_rows("preference", items)
@@ -191,13 +196,36 @@ def target_lines(results, methods):
     return lines
 
 
+def write_results(results, args, model_path):
+    """Prints the table and writes `results.md` / `results.json` (called after every method: a stopped run keeps what
+    it measured)."""
+    methods = [name for name in args.methods if name in results]
+    header = (
+        f"Model: {os.path.basename(os.path.normpath(model_path))}; training data: hf-mlsafety built-in train split; "
+        f"evaluation: MultiJail, first {args.prompts_per_language} items in each of the ten languages, greedy, "
+        f"{args.max_new_tokens} new tokens, refusal judge; over-refusal: {args.harmless_per_language} built-in harmless "
+        f"test prompts per language; seed {args.seed}; {platform.machine()} CPU, {torch.get_num_threads()} threads. "
+        "ASR and rates in %; wall time = training / editing only (base: its evaluation)."
+    )
+    markdown = "\n\n".join([header, table(results, methods), "\n".join(target_lines(results, methods))])
+    print("\n" + markdown)
+    reports = {name: dict(record, report={k: v for k, v in record["report"].items() if k != "records"})
+               for name, record in results.items()}
+    settings = vars(args) | {"model": os.path.basename(os.path.normpath(model_path)),
+                             "multijail": os.path.basename(args.multijail)}
+    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump({"settings": settings, "results": reports}, handle, indent=2)
+    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--multijail", required=True, help="MultiJail CSV path or Hub id (evaluation only)")
     parser.add_argument("--model", help="model to align (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--prompts_per_language", type=int, default=20, help="MultiJail items per language")
-    parser.add_argument("--harmless_per_language", type=int, default=8, help="built-in harmless test prompts")
+    parser.add_argument("--prompts_per_language", type=int, default=16, help="MultiJail items per language")
+    parser.add_argument("--harmless_per_language", type=int, default=6, help="built-in harmless test prompts")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--edit_rank", type=int, default=32, help="rank of the sparse edits (SparseEditConfig)")
     parser.add_argument("--seed", type=int, default=0)
@@ -256,25 +284,7 @@ def main(argv=None):
         for file in ("README.md", "safety_asr.png"):
             shutil.copy(os.path.join(run_dir, file), os.path.join(card_dir, file))
         print(report.to_markdown(baseline=base))
-
-    methods = [name for name in args.methods if name in results]
-    header = (
-        f"Model: {os.path.basename(os.path.normpath(model_path))}; training data: hf-mlsafety built-in train split; "
-        f"evaluation: MultiJail, first {args.prompts_per_language} items in each of the ten languages, greedy, "
-        f"{args.max_new_tokens} new tokens, refusal judge; over-refusal: {args.harmless_per_language} built-in harmless "
-        f"test prompts per language; seed {args.seed}; {platform.machine()} CPU, {torch.get_num_threads()} threads. "
-        "ASR and rates in %; wall time = training / editing only (base: its evaluation)."
-    )
-    markdown = "\n\n".join([header, table(results, methods), "\n".join(target_lines(results, methods))])
-    print("\n" + markdown)
-    for record in results.values():
-        record["report"].pop("records", None)
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"settings": vars(args) | {"model": os.path.basename(os.path.normpath(model_path)),
-                                             "multijail": os.path.basename(args.multijail)},
-                   "results": results}, handle, indent=2)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write(markdown + "\n")
+        write_results(results, args, model_path)
     shutil.rmtree(work, ignore_errors=True)
 
 

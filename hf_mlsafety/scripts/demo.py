@@ -47,19 +47,19 @@ class DemoArguments:
     eval_split: str = field(default="test", metadata={"help": "Built-in split to evaluate on (`dev` for tuning)."})
     eval_prompts_per_language: int = field(default=12, metadata={"help": "Harmful test prompts per language."})
     eval_harmless_per_language: int = field(default=4, metadata={"help": "Harmless test prompts per language."})
-    max_new_tokens: int = field(default=24, metadata={"help": "Response length during evaluation."})
+    max_new_tokens: int = field(default=20, metadata={"help": "Response length during evaluation."})
     train_harmful_items: int = field(
-        default=48, metadata={"help": "Harmful training items (a seeded sample of the 112 of the training split)."}
+        default=56, metadata={"help": "Harmful training items (a seeded sample of the 112 of the training split)."}
     )
     train_harmless_items: int = field(
-        default=32,
+        default=24,
         metadata={
             "help": "Harmless training items (helpful answer against an unneeded refusal), so that the model does not "
             "learn to refuse everything."
         },
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training items."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "LoRA learning rate (both runs)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "LoRA learning rate (both runs)."})
     beta: float = field(default=0.1, metadata={"help": "DPO beta (both runs)."})
     loss_type: str = field(
         default="sigmoid,sft",
