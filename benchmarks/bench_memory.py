@@ -32,12 +32,20 @@ def one_trainer(args):
     model = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     pair = args.pair
-    parent_data, method_data = pair_datasets(pair, args.batch * args.steps, response_tokens=args.response_tokens,
-                                             tokenizer=tokenizer)
+    parent_data, method_data = pair_datasets(
+        pair, args.batch * args.steps, response_tokens=args.response_tokens, tokenizer=tokenizer
+    )
     name = args.trainer
     data = parent_data if name == PAIRS[pair][0] else method_data
-    trainer = build_trainer(name, model, tokenizer, data, batch=args.batch, max_length=args.max_length,
-                            completion_length=args.completion_length)
+    trainer = build_trainer(
+        name,
+        model,
+        tokenizer,
+        data,
+        batch=args.batch,
+        max_length=args.max_length,
+        completion_length=args.completion_length,
+    )
     stepper = Stepper(trainer, name)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -50,15 +58,34 @@ def one_trainer(args):
 
 
 def measure(args, pair, trainer):
-    command = [sys.executable, os.path.abspath(__file__), "--one", "--pair", pair, "--trainer", trainer,
-               "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps), "--max_length",
-               str(args.max_length), "--completion_length", str(args.completion_length), "--response_tokens",
-               str(args.response_tokens), "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--one",
+        "--pair",
+        pair,
+        "--trainer",
+        trainer,
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--max_length",
+        str(args.max_length),
+        "--completion_length",
+        str(args.completion_length),
+        "--response_tokens",
+        str(args.response_tokens),
+        "--threads",
+        str(args.threads),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("PEAK ")]
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"{trainer} failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1][len("PEAK "):])
+    return json.loads(lines[-1][len("PEAK ") :])
 
 
 def main(argv=None):
@@ -84,8 +111,11 @@ def main(argv=None):
     for pair in args.pairs:
         parent, method, _ = PAIRS[pair]
         a, b = measure(args, pair, parent), measure(args, pair, method)
-        print(f"{pair:<8} {parent:<20} {a[unit]:8.0f} MB   {method:<14} {b[unit]:8.0f} MB   "
-              f"ratio {b[unit] / a[unit]:5.2f}x   difference {b[unit] - a[unit]:+7.0f} MB", flush=True)
+        print(
+            f"{pair:<8} {parent:<20} {a[unit]:8.0f} MB   {method:<14} {b[unit]:8.0f} MB   "
+            f"ratio {b[unit] / a[unit]:5.2f}x   difference {b[unit] - a[unit]:+7.0f} MB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

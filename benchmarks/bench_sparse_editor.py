@@ -6,7 +6,8 @@
 Part 1, full run: neuron finding over ten languages x `--prompts_per_language` harmful prompts of the built-in training
 split (plus as many harmless ones), `fit` and the export as a LoRA adapter, with the time split into forward passes
 (activation collection) and the solve. Part 2: `solve_sparse_edit` alone on synthetic matrices of hidden size d, whose
-cost is dominated by the d x d Cholesky factorisation and SVD (d^3 expected); the exponent is fitted on a log-log scale.
+cost is dominated by the d x d Cholesky factorisation and SVD (d^3 expected); the exponent is fitted on a log-log
+scale.
 """
 
 import argparse
@@ -19,8 +20,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import hf_mlsafety.editing.sparse_editor as sparse_editor
 from hf_mlsafety import SparseEditConfig, SparseSafetyEditor, load_builtin_dataset
+from hf_mlsafety.editing import sparse_editor
 from hf_mlsafety.editing.solver import solve_sparse_edit
 
 
@@ -74,20 +75,28 @@ def full_run(model_path, per_language, batch_size):
 
     solve = sum(solve_seconds)
     total = neurons + fit + export
-    print(f"full run: {len(harmful)} harmful + {len(harmless)} harmless prompts ({per_language} per language), "
-          f"edited layers {sorted({edit.layer for edit in editor.edits.values()})}, {len(editor.edits)} projections")
+    print(
+        f"full run: {len(harmful)} harmful + {len(harmless)} harmless prompts ({per_language} per language), "
+        f"edited layers {sorted({edit.layer for edit in editor.edits.values()})}, {len(editor.edits)} projections"
+    )
     print(f"  find_safety_neurons (forwards)      {neurons:7.1f} s")
     print(f"  fit: forwards (features)            {fit - solve:7.1f} s")
     print(f"  fit: closed-form solves             {solve:7.2f} s  ({len(solve_seconds)} solves)")
     print(f"  export as LoRA adapter              {export:7.2f} s  ({adapter_bytes / 1e6:.1f} MB)")
-    print(f"  total                               {total:7.1f} s   target <= 60 s: {'met' if total <= 60 else 'MISSED'}")
-    print(f"  forwards {100 * (total - solve - export) / total:.0f}% / solve {100 * solve / total:.0f}% "
-          f"/ export {100 * export / total:.0f}%")
+    print(
+        f"  total                               {total:7.1f} s   target <= 60 s: {'met' if total <= 60 else 'MISSED'}"
+    )
+    print(
+        f"  forwards {100 * (total - solve - export) / total:.0f}% / solve {100 * solve / total:.0f}% "
+        f"/ export {100 * export / total:.0f}%"
+    )
 
 
 def solver_scaling(sizes, rows, neurons, rank):
-    print(f"\nsolve_sparse_edit on synthetic matrices: {rows} harmful + {rows} harmless rows, {neurons} edited neurons, "
-          f"rank {rank}, float64")
+    print(
+        f"\nsolve_sparse_edit on synthetic matrices: {rows} harmful + {rows} harmless rows, {neurons} edited neurons, "
+        f"rank {rank}, float64"
+    )
     print("       d    seconds   ratio to previous   (d ratio)^3")
     generator = torch.Generator().manual_seed(0)
     timings = []
@@ -122,8 +131,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     full_run(resolve_model(args.model), args.prompts_per_language, args.batch_size)
     if args.sizes:
         solver_scaling(args.sizes, rows=1000, neurons=256, rank=32)

@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
+import torch  # noqa: E402 (after the environment variables it reads)
 
 
 LANGUAGES = ["en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv"]
@@ -257,10 +257,14 @@ class StepProfiler:
             return "generation"
         grad = "grad" if torch.is_grad_enabled() else "no-grad"
         hidden_only = kwargs.get("output_hidden_states") not in (None, False) or (
-            kwargs.get("labels") is None and isinstance(kwargs.get("logits_to_keep"), (int, torch.Tensor))
+            kwargs.get("labels") is None
+            and isinstance(kwargs.get("logits_to_keep"), (int, torch.Tensor))
             and not isinstance(kwargs.get("logits_to_keep"), bool)
-            and (kwargs["logits_to_keep"] == 1 if isinstance(kwargs["logits_to_keep"], int)
-                 else kwargs["logits_to_keep"].numel() == 0)
+            and (
+                kwargs["logits_to_keep"] == 1
+                if isinstance(kwargs["logits_to_keep"], int)
+                else kwargs["logits_to_keep"].numel() == 0
+            )
         )
         return f"fwd {grad}{' (hidden states)' if hidden_only else ''}"
 
@@ -367,8 +371,15 @@ def profile_lines(stepper):
     accounted = 0.0
     for key in keys:
         value = statistics.median(r.get(key, 0.0) for r in records)
-        if key in ("fwd grad", "fwd grad (hidden states)", "fwd no-grad", "fwd no-grad (hidden states)", "generation",
-                   "backward", "optimizer"):
+        if key in (
+            "fwd grad",
+            "fwd grad (hidden states)",
+            "fwd no-grad",
+            "fwd no-grad (hidden states)",
+            "generation",
+            "backward",
+            "optimizer",
+        ):
             accounted += value
         tokens = statistics.median(r["tokens"].get(key, 0) for r in records)
         real = statistics.median(r["real_tokens"].get(key, 0) for r in records)
@@ -391,7 +402,8 @@ def describe_machine(threads):
         pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({cpu}), {os.cpu_count()} cores"
     return (
-        f"machine: {device}; torch {torch.__version__} ({threads} thread(s)), transformers {transformers.__version__}, "
+        f"machine: {device}; torch {torch.__version__} ({threads} thread(s)), "
+        f"transformers {transformers.__version__}, "
         f"trl {trl.__version__}, python {platform.python_version()}"
     )
 
@@ -401,9 +413,7 @@ def measure_pairs(args, model, tokenizer):
     for pair in args.pairs:
         parent, method, target = PAIRS[pair]
         rows = args.batch * (args.steps + args.warmup)
-        parent_data, method_data = pair_datasets(
-            pair, rows, response_tokens=args.response_tokens, tokenizer=tokenizer
-        )
+        parent_data, method_data = pair_datasets(pair, rows, response_tokens=args.response_tokens, tokenizer=tokenizer)
         common = dict(batch=args.batch, max_length=args.max_length, completion_length=args.completion_length)
         steppers = [
             Stepper(build_trainer(parent, model, tokenizer, parent_data, **common), parent),
@@ -486,7 +496,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per trainer (default 12 tiny, 5 other)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared CPUs: 1 is steadiest)")
-    parser.add_argument("--sweep", type=int, nargs="*", default=[2, 4, 6, 8, 10], help="MLC language counts ('' = skip)")
+    parser.add_argument(
+        "--sweep", type=int, nargs="*", default=[2, 4, 6, 8, 10], help="MLC language counts ('' = skip)"
+    )
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 12 if args.model == "tiny" else 5
@@ -504,7 +516,8 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(model)
     print(describe_machine(args.threads))
     print(
-        f"model: {args.model} ({model}); batch {args.batch}, max_length {args.max_length}, LoRA r=16 all-linear, fp32, "
+        f"model: {args.model} ({model}); batch {args.batch}, max_length {args.max_length}, LoRA r=16 all-linear, "
+        "fp32, "
         f"distillation completion length {args.completion_length} (fixed), responses "
         f"{'built-in' if not args.response_tokens else f'lengthened to {args.response_tokens} tokens'}; "
         f"{args.steps} timed steps per trainer after {args.warmup} warm-up, alternating\n",

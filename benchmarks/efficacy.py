@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import torch
+from bench_sparse_editor import first_items  # the script's folder is on sys.path
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
@@ -55,29 +56,54 @@ MULTIJAIL_NAME, MULTIJAIL_TYPE = "MultiJail", "DAMO-NLP-SG/MultiJail"
 
 # Training settings shared by every trained method (LoRA r=16 on all linear layers, CPU, fp32)
 COMMON = dict(
-    lr_scheduler_type="constant", logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-    gradient_checkpointing=False, disable_tqdm=False,
+    lr_scheduler_type="constant",
+    logging_steps=5,
+    save_strategy="no",
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,
+    disable_tqdm=False,
 )
 # Per method: the training arguments. dpo / mlc use the main job's recipe (`hf-mlsafety demo`, chosen on the built-in
 # dev split): DPO + an SFT term on the chosen response, on a seeded sample of harmful and harmless training items.
 MAIN_JOB = DemoArguments()
 DPO_RECIPE = dict(
-    learning_rate=MAIN_JOB.learning_rate, num_train_epochs=MAIN_JOB.num_train_epochs,
+    learning_rate=MAIN_JOB.learning_rate,
+    num_train_epochs=MAIN_JOB.num_train_epochs,
     per_device_train_batch_size=MAIN_JOB.per_device_train_batch_size,
-    gradient_accumulation_steps=MAIN_JOB.gradient_accumulation_steps, beta=MAIN_JOB.beta,
-    loss_type=MAIN_JOB.loss_type.split(","), max_length=MAIN_JOB.max_length,
+    gradient_accumulation_steps=MAIN_JOB.gradient_accumulation_steps,
+    beta=MAIN_JOB.beta,
+    loss_type=MAIN_JOB.loss_type.split(","),
+    max_length=MAIN_JOB.max_length,
+)
+MSD_RECIPE = dict(
+    learning_rate=MAIN_JOB.learning_rate,
+    num_train_epochs=1,
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=1,
+    msd_mode="on_policy",
+    max_completion_length=32,
 )
 RECIPES = {
     "dpo": DPO_RECIPE,
     "mlc": dict(DPO_RECIPE, mlc_lambda=MAIN_JOB.mlc_lambda, mlc_every=MAIN_JOB.mlc_every),
-    "mpo": dict(learning_rate=MAIN_JOB.learning_rate, num_train_epochs=1, per_device_train_batch_size=4,
-                gradient_accumulation_steps=2, beta=1.0, max_length=MAIN_JOB.max_length, precompute_ref_log_probs=True),
-    "msd_on": dict(learning_rate=MAIN_JOB.learning_rate, num_train_epochs=1, per_device_train_batch_size=8,
-                   gradient_accumulation_steps=1, msd_mode="on_policy", max_completion_length=32),
-    "msd_off": dict(learning_rate=MAIN_JOB.learning_rate, num_train_epochs=1, per_device_train_batch_size=8,
-                    gradient_accumulation_steps=1, msd_mode="off_policy", max_completion_length=32),
+    "mpo": dict(
+        learning_rate=MAIN_JOB.learning_rate,
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        beta=1.0,
+        max_length=MAIN_JOB.max_length,
+        precompute_ref_log_probs=True,
+    ),
+    "msd_on": MSD_RECIPE,
+    "msd_off": dict(MSD_RECIPE, msd_mode="off_policy"),
 }
 MLC_LANGUAGES = MAIN_JOB.mlc_languages.split(",")  # SmolLM2 splits vi, ko, th, bn into 2-4x more tokens
+# Built-in train items per language for the sparse editor (as in benchmarks/sweep_sparse_edit.py, which chose its
+# defaults): its forward passes over every prompt cost ~0.25 s each on 2 CPU cores.
+EDIT_ITEMS_PER_LANGUAGE = 30
 TRAIN_ROWS = {"mpo": 80, "msd_on": 80, "msd_off": 80}  # seeded samples of the one-row-per-language tasks
 
 
@@ -117,25 +143,27 @@ def subset(dataset, rows, seed):
 def train(method, model_path, tokenizer, run_dir, seed):
     recipe = RECIPES[method]
     common = dict(COMMON, output_dir=run_dir, seed=seed)
-    items = argparse.Namespace(seed=seed, train_harmful_items=MAIN_JOB.train_harmful_items,
-                               train_harmless_items=MAIN_JOB.train_harmless_items)
+    items = argparse.Namespace(
+        seed=seed, train_harmful_items=MAIN_JOB.train_harmful_items, train_harmless_items=MAIN_JOB.train_harmless_items
+    )
     if method == "dpo":
-        args = DPOConfig(**common, **recipe)
-        data = training_rows("preference", items)
-        trainer = EnglishDPOTrainer(model=model_path, args=args, train_dataset=data, processing_class=tokenizer,
-                                    peft_config=lora())
+        trainer_class, config_class, data = EnglishDPOTrainer, DPOConfig, training_rows("preference", items)
     elif method == "mlc":
+        trainer_class, config_class = MLCTrainer, MLCConfig
         data = training_rows("mlc", items, languages=MLC_LANGUAGES)
-        trainer = MLCTrainer(model=model_path, args=MLCConfig(**common, **recipe), train_dataset=data,
-                             processing_class=tokenizer, peft_config=lora())
     elif method == "mpo":
+        trainer_class, config_class = MPOTrainer, MPOConfig
         data = subset(load_builtin_dataset("mpo", split="train"), TRAIN_ROWS[method], seed)
-        trainer = MPOTrainer(model=model_path, args=MPOConfig(**common, **recipe), train_dataset=data,
-                             processing_class=tokenizer, peft_config=lora())
     else:
+        trainer_class, config_class = MSDTrainer, MSDConfig
         data = subset(load_builtin_dataset("msd", split="train"), TRAIN_ROWS[method], seed)
-        trainer = MSDTrainer(model=model_path, args=MSDConfig(**common, **recipe), train_dataset=data,
-                             processing_class=tokenizer, peft_config=lora())
+    trainer = trainer_class(
+        model=model_path,
+        args=config_class(**common, **recipe),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora(),
+    )
     trainer.train()
     return trainer
 
@@ -153,7 +181,9 @@ def edit(model_path, tokenizer, seed, rank):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     editor = SparseSafetyEditor(model, tokenizer, SparseEditConfig(rank=rank))
     probes = load_builtin_dataset("probes", split="train")
-    editor.fit(probes.filter(lambda r: r["label"] == "harmful"), probes.filter(lambda r: r["label"] == "harmless"))
+    harmful = first_items(probes.filter(lambda r: r["label"] == "harmful"), EDIT_ITEMS_PER_LANGUAGE)
+    harmless = first_items(probes.filter(lambda r: r["label"] == "harmless"), EDIT_ITEMS_PER_LANGUAGE)
+    editor.fit(harmful, harmless)
     editor.apply()
     return editor
 
@@ -164,14 +194,18 @@ def table(results, methods):
     for code in MULTIJAIL_LANGUAGES:
         cells = [f"{100 * results[name]['report']['per_language'][code]['asr']:.1f}" for name in ["base", *methods]]
         lines.append(f"| {code} | " + " | ".join(cells) + " |")
-    rows = [("mean non-English ASR", "asr_non_english"), *[(f"mean {tier}-resource ASR", f"asr_{tier}")
-                                                          for tier in RESOURCE_TIERS],
-            ("mean non-English invalid", "invalid_non_english"), ("over-refusal (harmless)", "over_refusal")]
+    rows = [
+        ("mean non-English ASR", "asr_non_english"),
+        *[(f"mean {tier}-resource ASR", f"asr_{tier}") for tier in RESOURCE_TIERS],
+        ("mean non-English invalid", "invalid_non_english"),
+        ("over-refusal (harmless)", "over_refusal"),
+    ]
     for label, key in rows:
         cells = [f"{100 * results[name]['report']['summary'][key]:.1f}" for name in ["base", *methods]]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| wall time (s) | " + " | ".join(f"{results[name]['seconds']:.0f}" for name in ["base", *methods])
-                 + " |")
+    lines.append(
+        "| wall time (s) | " + " | ".join(f"{results[name]['seconds']:.0f}" for name in ["base", *methods]) + " |"
+    )
     return "\n".join(lines)
 
 
@@ -191,8 +225,11 @@ def target_lines(results, methods):
             "over-refusal <= dpo + 10 pts": summary["over_refusal"] <= dpo["over_refusal"] + 0.10,
         }
         verdicts = ", ".join(f"{check}: {'met' if ok else 'MISSED'}" for check, ok in checks.items())
-        lines.append(f"- {name}: non-English ASR {100 * reduction:+.0f}% relative change vs dpo "
-                     f"({'reduction' if reduction >= 0 else 'increase'}); {verdicts}")
+        change = f"{abs(100 * reduction):.0f}% {'lower' if reduction >= 0 else 'higher'}"
+        lines.append(
+            f"- {name}: mean non-English ASR {100 * summary['asr_non_english']:.1f} vs dpo "
+            f"{100 * dpo['asr_non_english']:.1f} ({change}); {verdicts}"
+        )
     return lines
 
 
@@ -203,16 +240,21 @@ def write_results(results, args, model_path):
     header = (
         f"Model: {os.path.basename(os.path.normpath(model_path))}; training data: hf-mlsafety built-in train split; "
         f"evaluation: MultiJail, first {args.prompts_per_language} items in each of the ten languages, greedy, "
-        f"{args.max_new_tokens} new tokens, refusal judge; over-refusal: {args.harmless_per_language} built-in harmless "
+        f"{args.max_new_tokens} new tokens, refusal judge; over-refusal: {args.harmless_per_language} built-in "
+        "harmless "
         f"test prompts per language; seed {args.seed}; {platform.machine()} CPU, {torch.get_num_threads()} threads. "
         "ASR and rates in %; wall time = training / editing only (base: its evaluation)."
     )
     markdown = "\n\n".join([header, table(results, methods), "\n".join(target_lines(results, methods))])
     print("\n" + markdown)
-    reports = {name: dict(record, report={k: v for k, v in record["report"].items() if k != "records"})
-               for name, record in results.items()}
-    settings = vars(args) | {"model": os.path.basename(os.path.normpath(model_path)),
-                             "multijail": os.path.basename(args.multijail)}
+    reports = {
+        name: dict(record, report={k: v for k, v in record["report"].items() if k != "records"})
+        for name, record in results.items()
+    }
+    settings = vars(args) | {
+        "model": os.path.basename(os.path.normpath(model_path)),
+        "multijail": os.path.basename(args.multijail),
+    }
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
         json.dump({"settings": settings, "results": reports}, handle, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as handle:
@@ -235,8 +277,10 @@ def main(argv=None):
 
     model_path = args.model or embedded_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    harmful = _limit(load_multijail(args.multijail, languages=MULTIJAIL_LANGUAGES, output_format="probes"),
-                     args.prompts_per_language)
+    harmful = _limit(
+        load_multijail(args.multijail, languages=MULTIJAIL_LANGUAGES, output_format="probes"),
+        args.prompts_per_language,
+    )
     harmless = load_builtin_dataset("probes", split="test")
     harmless = _limit(harmless.filter(lambda row: row["label"] == "harmless"), args.harmless_per_language)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -262,18 +306,25 @@ def main(argv=None):
             editor = edit(model_path if name == "edit" else mpo_model, tokenizer, args.seed, args.edit_rank)
             seconds = time.perf_counter() - start
             report = evaluate(editor.model)
-            editor.create_model_card(run_dir, hub_model_id=f"hf-mlsafety-smollm2-135m-{name.replace('_', '-')}",
-                                     safety_report=report, **card_kwargs)
+            editor.create_model_card(
+                run_dir,
+                hub_model_id=f"hf-mlsafety-smollm2-135m-{name.replace('_', '-')}",
+                safety_report=report,
+                **card_kwargs,
+            )
         else:
             if name == "mpo" and dpo_model is None:
                 # The paper's setting: MPO starts from a model already aligned in English
-                dpo_model = merged_copy(train("dpo", model_path, tokenizer, os.path.join(work, "dpo_for_mpo"),
-                                              args.seed), os.path.join(work, "dpo_merged"))
+                dpo_model = merged_copy(
+                    train("dpo", model_path, tokenizer, os.path.join(work, "dpo_for_mpo"), args.seed),
+                    os.path.join(work, "dpo_merged"),
+                )
             trainer = train(name, dpo_model if name == "mpo" else model_path, tokenizer, run_dir, args.seed)
             seconds = time.perf_counter() - start
             report = evaluate(trainer.accelerator.unwrap_model(trainer.model))
-            trainer.create_model_card(model_name=f"hf-mlsafety-smollm2-135m-{name.replace('_', '-')}",
-                                      safety_report=report, **card_kwargs)
+            trainer.create_model_card(
+                model_name=f"hf-mlsafety-smollm2-135m-{name.replace('_', '-')}", safety_report=report, **card_kwargs
+            )
             if name == "dpo":
                 dpo_model = merged_copy(trainer, os.path.join(work, "dpo_merged"))
             if name == "mpo":

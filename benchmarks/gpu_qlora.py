@@ -27,16 +27,33 @@ from bench_step_cost import PAIRS, Stepper, build_trainer, pair_datasets  # noqa
 
 # Llama-3.1-8B's architecture (its config.json), for a model built with random weights
 LLAMA_31_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-    tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128009,
 )
-TINY = dict(LLAMA_31_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=2048)
+TINY = dict(
+    LLAMA_31_8B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=2048,
+)
 
 
 def build_random_model(shape, directory, device):
-    """Saves a randomly initialised model of `shape` plus the test kit's tokenizer (ids fit any vocabulary above 1k)."""
+    """Saves a randomly initialised model of `shape` plus the test kit's tokenizer (its ids fit any vocabulary above
+    1k)."""
     from hf_mlsafety.testing import tiny_model_path
 
     torch.manual_seed(0)
@@ -72,23 +89,40 @@ def main(argv=None):
         build_random_model(LLAMA_31_8B if args.shape == "llama-3.1-8b" else TINY, directory, device)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     compute_dtype = torch.bfloat16 if gpu else torch.float32
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=compute_dtype)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
     dtype = "bfloat16" if gpu else "float32"
-    extra = dict(gradient_checkpointing=True, model_init_kwargs={"dtype": dtype, "device_map": {"": device}},
-                 bf16=gpu, use_cpu=not gpu)
-    print(f"{torch.cuda.get_device_name() if gpu else 'CPU'}; {args.shape} random weights, 4-bit NF4 + double quant, "
-          f"LoRA r=16 all-linear, gradient checkpointing, batch 1, {args.seq_len} tokens")
+    extra = dict(
+        gradient_checkpointing=True,
+        model_init_kwargs={"dtype": dtype, "device_map": {"": device}},
+        bf16=gpu,
+        use_cpu=not gpu,
+    )
+    print(
+        f"{torch.cuda.get_device_name() if gpu else 'CPU'}; {args.shape} random weights, 4-bit NF4 + double quant, "
+        f"LoRA r=16 all-linear, gradient checkpointing, batch 1, {args.seq_len} tokens"
+    )
     for pair in args.pairs:
         parent, method, _ = PAIRS[pair]
         # Responses long enough that prompt + response fill about `seq_len` tokens
-        parent_data, method_data = pair_datasets(pair, args.steps + 1, response_tokens=args.seq_len - 100,
-                                                 tokenizer=tokenizer)
+        parent_data, method_data = pair_datasets(
+            pair, args.steps + 1, response_tokens=args.seq_len - 100, tokenizer=tokenizer
+        )
         results = []
         for name, data in ((parent, parent_data), (method, method_data)):
             trainer = build_trainer(
-                name, directory, tokenizer, data, batch=1, max_length=args.seq_len,
-                completion_length=args.completion_length, quantization_config=quantization,
+                name,
+                directory,
+                tokenizer,
+                data,
+                batch=1,
+                max_length=args.seq_len,
+                completion_length=args.completion_length,
+                quantization_config=quantization,
                 teacher_init_kwargs={"dtype": dtype, "quantization_config": quantization, "device_map": {"": device}},
                 extra_args=extra,
             )
@@ -104,9 +138,12 @@ def main(argv=None):
             if gpu:
                 torch.cuda.empty_cache()
         (pa, peak_a, time_a), (me, peak_b, time_b) = results
-        print(f"{pair:<8} {pa:<20} {peak_a:6.2f} GB {time_a:7.2f} s/step   {me:<14} {peak_b:6.2f} GB "
-              f"{time_b:7.2f} s/step   step ratio {time_b / time_a:5.2f}x   peak <= 16 GB: "
-              f"{'met' if peak_b <= 16 else 'MISSED'}", flush=True)
+        print(
+            f"{pair:<8} {pa:<20} {peak_a:6.2f} GB {time_a:7.2f} s/step   {me:<14} {peak_b:6.2f} GB "
+            f"{time_b:7.2f} s/step   step ratio {time_b / time_a:5.2f}x   peak <= 16 GB: "
+            f"{'met' if peak_b <= 16 else 'MISSED'}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -289,6 +289,22 @@ def test_batched_activations_match_one_prompt_at_a_time(tiny_model_dir, tiny_tok
         torch.testing.assert_close(deltas[0][name], deltas[1][name], atol=1e-5, rtol=1e-4)
 
 
+def test_features_keep_prompt_order_and_stop_after_the_last_needed_layer(model, tiny_tokenizer, harmful):
+    editor = SparseSafetyEditor(model, tiny_tokenizer, SparseEditConfig(rank=2, batch_size=3))
+    prompts = list(harmful["prompt"])  # ten languages: batches are formed by length, not in this order
+    later_calls = []
+    handles = [
+        model.model.layers[-1].register_forward_hook(lambda *_: later_calls.append("last layer")),
+        model.lm_head.register_forward_hook(lambda *_: later_calls.append("lm_head")),
+    ]
+    batched = editor._features(prompts, [0])[0]
+    for handle in handles:
+        handle.remove()
+    assert later_calls == []
+    one_by_one = torch.cat([editor._features([prompt], [0])[0] for prompt in prompts[:5]])
+    torch.testing.assert_close(batched[:5], one_by_one, atol=1e-5, rtol=1e-4)
+
+
 def test_class_mean_target_needs_no_parallel_rows(model, tiny_tokenizer, harmful, harmless):
     unpaired = harmful.filter(lambda row: not (row["language"] == "en" and row["parallel_id"] == "harmful-0"))
     with pytest.raises(ValueError, match="'harmful-0' has no row in language"):

@@ -35,6 +35,10 @@ PIVOT_LANGUAGE = "en"
 _PROJECTION_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(gate_proj|up_proj)$")
 
 
+class _AllCaptured(Exception):
+    """Raised by the activation hooks once every requested projection has run: the rest of the forward is unneeded."""
+
+
 class ModuleEdit(NamedTuple):
     """The edit of one projection: `weight[rows] += (left @ right).T` (rank ≤ `left.shape[1]`)."""
 
@@ -200,7 +204,7 @@ class SparseSafetyEditor:
             moments = {}
             for label, rows in (("harmful", harmful_rows), ("harmless", harmless_rows)):
                 stats = {}
-                for batch in self._pooled_activations(rows[language][0], layers, outputs=True):
+                for _, batch in self._pooled_activations(rows[language][0], layers, outputs=True):
                     for key, activations in batch.items():
                         stats[key] = merge_moments(stats.get(key), activation_moments(activations))
                 moments[label] = stats
@@ -655,9 +659,15 @@ class SparseSafetyEditor:
             self.model.train(was_training)
 
     def _pooled_activations(self, prompts, layers, outputs=False, inputs=False):
-        """Yields, per batch, `{(layer, module): (batch, d_ff)}` outputs and/or `{layer: (batch, d_in)}` inputs of the
-        projections, pooled over tokens (`config.token_pooling`), in float64 on CPU."""
+        """Yields, per batch, the batch's row indices into `prompts` and `{(layer, module): (batch, d_ff)}` outputs
+        and/or `{layer: (batch, d_in)}` inputs of the projections, pooled over tokens (`config.token_pooling`), in
+        float64 on CPU.
+
+        Prompts run sorted by token count (one prompt in ten languages varies 2-4x in length: less padding), no
+        vocabulary logits are computed, and the forward stops once the last requested projection has run.
+        """
         captured, state = {}, {}
+        expected = len(layers) * (len(self.config.modules) * outputs + inputs)
 
         def pool(hidden):
             hidden = hidden.float()
@@ -666,6 +676,11 @@ class SparseSafetyEditor:
             mask = state["attention_mask"].unsqueeze(-1).to(hidden)
             return ((hidden * mask).sum(1) / mask.sum(1)).double().cpu()
 
+        def capture(key, hidden):
+            captured[key] = pool(hidden)
+            if len(captured) == expected:
+                raise _AllCaptured
+
         handles = []
         for layer in layers:
             for module in self.config.modules:
@@ -673,33 +688,40 @@ class SparseSafetyEditor:
                 if outputs:
                     handles.append(
                         linear.register_forward_hook(
-                            lambda _, __, output, key=(layer, module): captured.__setitem__(key, pool(output))
+                            lambda _, __, output, key=(layer, module): capture(key, output)
                         )
                     )
             if inputs:  # every configured projection reads the same input
                 linear = self.projections[layer, self.config.modules[0]][1]
-                handles.append(
-                    linear.register_forward_pre_hook(
-                        lambda _, args, key=layer: captured.__setitem__(key, pool(args[0]))
-                    )
-                )
+                handles.append(linear.register_forward_pre_hook(lambda _, args, key=layer: capture(key, args[0])))
+        encoded = [self._encode(prompt) for prompt in prompts]
+        order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
         try:
             with self._inference():
-                for start in range(0, len(prompts), self.config.batch_size):
-                    chunk = prompts[start : start + self.config.batch_size]
-                    batch = self._left_padded([self._encode(prompt) for prompt in chunk])
+                for start in range(0, len(order), self.config.batch_size):
+                    indices = order[start : start + self.config.batch_size]
+                    batch = self._left_padded([encoded[index] for index in indices])
                     state["attention_mask"] = batch["attention_mask"]
                     captured.clear()
-                    self.model(**batch, use_cache=False)
-                    yield dict(captured)
+                    try:
+                        self.model(**batch, use_cache=False, logits_to_keep=1)
+                    except _AllCaptured:
+                        pass
+                    yield indices, dict(captured)
         finally:
             for handle in handles:
                 handle.remove()
 
     def _features(self, prompts, layers):
-        """Pooled inputs of the edited projections: `{layer: (len(prompts), d_in)}` in float64."""
-        batches = list(self._pooled_activations(prompts, layers, inputs=True))
-        return {layer: torch.cat([batch[layer] for batch in batches]) for layer in layers}
+        """Pooled inputs of the edited projections: `{layer: (len(prompts), d_in)}` in float64, in the order of
+        `prompts`."""
+        features = {}
+        for indices, batch in self._pooled_activations(prompts, layers, inputs=True):
+            for layer in layers:
+                if layer not in features:
+                    features[layer] = torch.empty(len(prompts), batch[layer].shape[-1], dtype=torch.float64)
+                features[layer][indices] = batch[layer]
+        return features
 
     @contextlib.contextmanager
     def _scaled_neurons(self, neurons, alpha):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from huggingface_hub import EvalResult
 
 from ..languages import LANGUAGE_NAMES, MULTIJAIL_LANGUAGES, RESOURCE_TIERS
-from .judges import INVALID, LABELS, SAFE, UNSAFE
+from .judges import INVALID, LABELS, UNSAFE
 
 
 def _mean(values):
