@@ -45,9 +45,9 @@ class DemoArguments:
         },
     )
     eval_split: str = field(default="test", metadata={"help": "Built-in split to evaluate on (`dev` for tuning)."})
-    eval_prompts_per_language: int = field(default=12, metadata={"help": "Harmful test prompts per language."})
+    eval_prompts_per_language: int = field(default=8, metadata={"help": "Harmful test prompts per language."})
     eval_harmless_per_language: int = field(default=4, metadata={"help": "Harmless test prompts per language."})
-    max_new_tokens: int = field(default=20, metadata={"help": "Response length during evaluation."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Response length during evaluation."})
     train_harmful_items: int = field(
         default=56, metadata={"help": "Harmful training items (a seeded sample of the 112 of the training split)."}
     )
