@@ -516,8 +516,8 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(model)
     print(describe_machine(args.threads))
     print(
-        f"model: {args.model} ({model}); batch {args.batch}, max_length {args.max_length}, LoRA r=16 all-linear, "
-        "fp32, "
+        f"model: {os.path.basename(os.path.normpath(args.model))}; batch {args.batch}, max_length {args.max_length}, "
+        "LoRA r=16 all-linear, fp32, "
         f"distillation completion length {args.completion_length} (fixed), responses "
         f"{'built-in' if not args.response_tokens else f'lengthened to {args.response_tokens} tokens'}; "
         f"{args.steps} timed steps per trainer after {args.warmup} warm-up, alternating\n",
