@@ -8,7 +8,8 @@ It speaks the endpoints the unmodified `huggingface_hub` client uses to create a
 
 ```python
 >>> from hf_mlsafety.testing_hub import FakeHub
->>> hub = FakeHub(root="/tmp/fake-hub").start()
+>>> import tempfile
+>>> hub = FakeHub(root=tempfile.mkdtemp()).start()
 >>> import os; os.environ["HF_ENDPOINT"] = hub.endpoint   # before importing huggingface_hub / transformers
 ```
 
