@@ -35,6 +35,10 @@ def main():
     probes = load_builtin_dataset("probes", split="test").filter(lambda row: row["label"] == "harmful")
     # Languages interleaved, as in a real evaluation (the evaluator batches them by length).
     prompts = list(probes.shuffle(seed=0)["prompt"][: args.num_prompts])
+    print(
+        f"{args.num_prompts} built-in harmful test prompts (languages interleaved), {args.max_new_tokens} new tokens, "
+        f"greedy; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
     timings = {}
     for batch_size in (1, args.batch_size):
         evaluator = SafetyEvaluator(

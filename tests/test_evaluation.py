@@ -17,6 +17,7 @@ from hf_mlsafety.evaluation import (
     parse_guard_verdict,
     plot_asr_comparison,
 )
+from hf_mlsafety.evaluation.evaluator import length_groups
 from hf_mlsafety.languages import MULTIJAIL_LANGUAGES
 from hf_mlsafety.utils import is_cpu_repacked
 
@@ -189,6 +190,30 @@ def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
     batched = SafetyEvaluator(tiny_model_dir, max_new_tokens=5, batch_size=8, show_progress=False).generate(prompts)
     single = SafetyEvaluator(tiny_model_dir, max_new_tokens=5, batch_size=1, show_progress=False).generate(prompts)
     assert batched == single
+
+
+def test_prompt_forward_by_length_group_gives_the_padded_batch_logits(tiny_model_dir):
+    evaluator = SafetyEvaluator(tiny_model_dir, show_progress=False)
+    tokenizer = evaluator.processing_class
+    tokenizer.padding_side = "left"
+    prompts = ["Hi", "How do I pick a lock?", "Nifanyeje wizi?", "A much longer prompt " * 6]
+    texts = sorted(evaluator._chat_prompts(prompts), key=lambda text: len(tokenizer(text)["input_ids"]))
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    groups = length_groups(batch["attention_mask"].sum(-1).tolist())
+    assert groups == [(0, 1), (1, 3), (3, 4)]
+    with torch.no_grad():
+        padded = evaluator.model(**batch).logits[:, -1]
+        cache = evaluator._prefill(batch, groups)
+        assert cache.get_seq_length() == batch["input_ids"].shape[1] - 1
+        positions = batch["attention_mask"].sum(-1, keepdim=True) - 1
+        grouped = evaluator.model(
+            input_ids=batch["input_ids"][:, -1:],
+            attention_mask=batch["attention_mask"],
+            position_ids=positions,
+            past_key_values=cache,
+        ).logits[:, -1]
+    torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=1e-4)
+    assert length_groups([10, 12, 12, 20, 24, 25, 40]) == [(0, 3), (3, 6), (6, 7)]
 
 
 def test_evaluator_with_peft_adapter_on_and_off(tiny_model_dir, tiny_tokenizer):
