@@ -92,6 +92,8 @@ RECIPES = {
     "dpo": DPO_RECIPE,
     "mlc": dict(DPO_RECIPE, mlc_lambda=MAIN_JOB.mlc_lambda, mlc_every=MAIN_JOB.mlc_every),
     "mpo": dict(
+        # On the dev split (benchmarks/tune_on_dev.py) neither 5e-4 nor 1e-3 kept over-refusal within DPO's + 10 points
+        # (both taught refusing everything); the main job's rate stays, so the change from the first run is the data
         learning_rate=MAIN_JOB.learning_rate,
         num_train_epochs=1,
         per_device_train_batch_size=4,
