@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py                      # tiny test model
     python benchmarks/bench_memory.py --model embedded     # SmolLM2-135M-Instruct
+    python benchmarks/bench_memory.py --model embedded --gradient_checkpointing   # TRL's default, both sides
 
 Each trainer runs `--steps` optimizer steps in a fresh subprocess (so one trainer's peak cannot hide another's), on the
 same model, rows, batch and LoRA adapter as `bench_step_cost.py`; the parent prints the peaks side by side and their
@@ -45,6 +46,7 @@ def one_trainer(args):
         batch=args.batch,
         max_length=args.max_length,
         completion_length=args.completion_length,
+        extra_args={"gradient_checkpointing": args.gradient_checkpointing},
     )
     stepper = Stepper(trainer, name)
     if torch.cuda.is_available():
@@ -80,7 +82,7 @@ def measure(args, pair, trainer):
         str(args.response_tokens),
         "--threads",
         str(args.threads),
-    ]
+    ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
     result = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("PEAK ")]
     if result.returncode != 0 or not lines:
@@ -98,6 +100,12 @@ def main(argv=None):
     parser.add_argument("--completion_length", type=int, default=32)
     parser.add_argument("--response_tokens", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward, on both sides (TRL configs default to it; off by default here, "
+        "as in bench_step_cost.py)",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pair", help=argparse.SUPPRESS)
     parser.add_argument("--trainer", help=argparse.SUPPRESS)
@@ -107,7 +115,11 @@ def main(argv=None):
 
     unit = "gpu_mb" if torch.cuda.is_available() else "rss_mb"
     label = "peak GPU allocated" if unit == "gpu_mb" else "peak RSS"
-    print(f"model {args.model}, batch {args.batch}, {args.steps} steps, {label} in MB (one process per trainer)")
+    checkpointing = "on" if args.gradient_checkpointing else "off"
+    print(
+        f"model {args.model}, batch {args.batch}, {args.steps} steps, gradient checkpointing {checkpointing}, {label} "
+        "in MB (one process per trainer)"
+    )
     for pair in args.pairs:
         parent, method, _ = PAIRS[pair]
         a, b = measure(args, pair, parent), measure(args, pair, method)
