@@ -5,7 +5,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, StaticCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from hf_mlsafety.data import builtin_wide_table
 from hf_mlsafety.evaluation import (
@@ -203,8 +203,7 @@ def test_prompt_forward_by_length_group_gives_the_padded_batch_logits(tiny_model
     assert groups == [(0, 1), (1, 3), (3, 4)]
     with torch.no_grad():
         padded = evaluator.model(**batch).logits[:, -1]
-        cache = StaticCache(config=evaluator.model.config, max_cache_len=batch["input_ids"].shape[1] + 4)
-        evaluator._prefill(batch, groups, cache)
+        cache = evaluator._prefill(batch, groups)
         assert cache.get_seq_length() == batch["input_ids"].shape[1] - 1
         positions = batch["attention_mask"].sum(-1, keepdim=True) - 1
         grouped = evaluator.model(

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ..data import text_of, validate_probes
 from ..utils import disable_cpu_4bit_repacking
@@ -133,9 +133,9 @@ class SafetyEvaluator:
             self.processing_class.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages
         ]
 
-    def _prefill(self, batch, groups, cache):
-        """Fills `cache` with the keys and values of every prompt but its last token, computed one length group at a
-        time and left-padded to the batch's width.
+    def _prefill(self, batch, groups):
+        """KV cache of every prompt but its last token, computed one length group at a time and left-padded to the
+        batch's width.
 
         One padded forward of a batch with a few long prompts processes every row at the longest length; on CPU it
         cost twice the unpadded one-by-one forwards (a batch of 16 prompts of 84 to 427 tokens: 6,832 positions for
@@ -146,21 +146,22 @@ class SafetyEvaluator:
         for start, end in groups:
             length = int(attention_mask[start:end].sum(-1).max())
             mask = attention_mask[start:end, -length:-1]
-            group_cache = DynamicCache()
+            cache = DynamicCache()
             self.model(
                 input_ids=input_ids[start:end, -length:-1],
                 attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # what `generate` derives from the padded mask
-                past_key_values=group_cache,
+                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
             padding = (0, 0, width - (length - 1), 0)  # zero keys and values on the left, masked out like padding
-            group_keys.append([F.pad(layer.keys, padding) for layer in group_cache.layers])
-            group_values.append([F.pad(layer.values, padding) for layer in group_cache.layers])
+            group_keys.append([F.pad(layer.keys, padding) for layer in cache.layers])
+            group_values.append([F.pad(layer.values, padding) for layer in cache.layers])
+        merged = DynamicCache()
         for layer_idx, (keys, values) in enumerate(zip(zip(*group_keys), zip(*group_values))):
-            cache.update(torch.cat(keys), torch.cat(values), layer_idx)
-        return cache
+            merged.update(torch.cat(keys), torch.cat(values), layer_idx)
+        return merged
 
     @torch.no_grad()
     def generate(self, prompts, desc="Generating"):
@@ -197,14 +198,9 @@ class SafetyEvaluator:
                         padding=True,
                         add_special_tokens=False,
                     ).to(self.model.device)
-                    # Preallocated: a growing cache copies every layer's keys and values at each new token, a
-                    # third of a batch-16 decoding step on CPU at 400 cached positions
-                    cache = StaticCache(
-                        config=self.model.config, max_cache_len=batch["input_ids"].shape[1] + self.max_new_tokens
-                    )
                     groups = length_groups([lengths[index] for index in indices])
-                    if len(groups) > 1:  # prompt forwards group by group, then one decoding batch
-                        self._prefill(batch, groups, cache)
+                    # Several length groups: prompt forwards group by group, then one decoding batch
+                    prefilled = {"past_key_values": self._prefill(batch, groups)} if len(groups) > 1 else {}
                     sampling = {"temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {}
                     output = self.model.generate(
                         **batch,
@@ -212,8 +208,7 @@ class SafetyEvaluator:
                         do_sample=self.do_sample,
                         use_cache=True,
                         pad_token_id=tokenizer.pad_token_id,
-                        past_key_values=cache,
-                        disable_compile=True,  # batch shapes change from batch to batch: compiling would recompile
+                        **prefilled,
                         **sampling,
                     )
                     completions = output[:, batch["input_ids"].shape[1] :]
