@@ -334,7 +334,7 @@ def main(argv=None):
             "seconds": time.perf_counter() - start,
             "threads": torch.get_num_threads(),
         }
-    base = SafetyReport.from_json(json.dumps(results["base"]["report"]))
+    base = SafetyReport.from_dict(results["base"]["report"])
     card_kwargs = dict(baseline_report=base, eval_dataset_name=MULTIJAIL_NAME, eval_dataset_type=MULTIJAIL_TYPE)
     dpo_model = mpo_model = None
     for name in [name for name in args.methods if name not in results]:

@@ -43,15 +43,10 @@ def main(argv=None):
 
     def evaluate(model):
         evaluator = SafetyEvaluator(model, tokenizer, max_new_tokens=args.max_new_tokens, batch_size=16)
-        summary = evaluator.evaluate(harmful, harmless).to_dict()
-        non_english = [row for code, row in summary["per_language"].items() if code != "en"]
-        return {
-            "asr_en": summary["summary"]["asr_en"],
-            "asr_non_english": summary["summary"]["asr_non_english"],
-            "refusal_non_english": sum(row["refusal_rate"] for row in non_english) / len(non_english),
-            "invalid_non_english": summary["summary"]["invalid_non_english"],
-            "over_refusal": summary["summary"]["over_refusal"],
-        }
+        report = evaluator.evaluate(harmful, harmless)
+        non_english = [code for code in report.languages if code != "en"]
+        refusal = sum(report.rate(code, "refused") for code in non_english) / len(non_english)
+        return dict(report.summary(), refusal_non_english=refusal)
 
     rows = [("base", None, evaluate(model_path), 0.0)]
     start = time.perf_counter()

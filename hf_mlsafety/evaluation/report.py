@@ -139,7 +139,11 @@ class SafetyReport:
 
     @classmethod
     def from_json(cls, text):
-        data = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data):
+        """The report back from [`~SafetyReport.to_dict`]'s output."""
         harmful = {
             code: {key: row[key] for key in ("n", *LABELS, "refused")} for code, row in data["per_language"].items()
         }
